@@ -1,0 +1,53 @@
+"""The inventory seam: where pods and node agents are looked up.
+
+Two implementations stand behind `Inventory`: `KubernetesInventory` (the Kubernetes API through the official
+client) for clusters and `StaticInventory` (a YAML file) for local runs and the simulated lab. The controller
+only sees this interface; both raise the errors of `_errors.py` (PodNotFound, NoAgentOnNode, Forbidden,
+Unavailable) with the client's exception chained.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+AGENT_LABEL = "app.kubernetes.io/name=podcap-agent"
+
+
+@dataclass(frozen=True)
+class ContainerStatus:
+    name: str
+    ready: bool
+    restart_count: int = 0
+    state: str = ""
+
+
+@dataclass(frozen=True)
+class Pod:
+    """What the controller needs to know of a pod to capture it, and keeps with the capture."""
+
+    namespace: str
+    name: str
+    node: str
+    ips: tuple[str, ...]
+    phase: str
+    host_network: bool = False
+    uid: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+    containers: tuple[ContainerStatus, ...] = ()
+
+
+class Inventory(Protocol):
+    """Blocking lookups; the async controller calls them in a worker thread."""
+
+    def get_pod(self, namespace: str, name: str) -> Pod:
+        """The pod, or PodNotFound naming it."""
+        ...
+
+    def list_pods(self, namespace: str, label_selector: str) -> list[Pod]:
+        """Pods in `namespace` matching a Kubernetes label selector."""
+        ...
+
+    def agent_address(self, node: str) -> str:
+        """`host:port` of the ready capture agent on `node`, or NoAgentOnNode naming the node."""
+        ...

@@ -1,0 +1,1 @@
+"""podcap's gRPC API: the .proto contract and the code generated from it (`make proto`)."""

@@ -1,0 +1,1 @@
+"""Alembic revisions, written and reviewed by hand."""
