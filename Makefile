@@ -21,7 +21,8 @@ proto: setup
 
 # Fails when the checked-in generated code differs from what `make proto` produces.
 proto-check: proto
-	git diff --exit-code -- proto/ || (echo "generated code drifted: run make proto and commit" >&2; exit 1)
+	@test -z "$$(git status --porcelain -- proto/)" || \
+		(git status --short -- proto/; echo "generated code drifted: run make proto and commit" >&2; exit 1)
 
 test: setup
 	$(PY) -m pytest -q
@@ -30,7 +31,6 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy -p podcap.api -p podcap.storage -p podcap.controller -p podcap.agent -p podcap.cli
-	$(VENV)/bin/lint-imports
 
 bench: setup
 	$(PY) -m bench

@@ -1,2 +1,5 @@
-"""CLI placeholder."""
-def main() -> None: ...
+"""The `podcap` command line: support-staff client commands and the controller/agent entry points."""
+
+from ._main import main
+
+__all__ = ["main"]

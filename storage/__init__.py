@@ -1,1 +1,31 @@
-"""Storage placeholder."""
+"""podcap's storage: capture metadata in SQL (SQLite, PostgreSQL), pcaps in an object store (S3, a directory).
+
+It knows nothing of the controller or the agent; both reach their data through the names below.
+"""
+
+from ._db import create_engine_for, make_sessionmaker, migrate
+from ._errors import DatabaseUnavailable, ObjectNotFound, StorageError, StoreUnavailable
+from ._models import TERMINAL_STATES, Base, CaptureRow, CaptureState, TargetRow, is_terminal
+from ._objectstore import ObjectStore, StoredObject, Upload, open_store
+from ._repository import CaptureRepository
+
+__all__ = [
+    "TERMINAL_STATES",
+    "Base",
+    "CaptureRepository",
+    "CaptureRow",
+    "CaptureState",
+    "DatabaseUnavailable",
+    "ObjectNotFound",
+    "ObjectStore",
+    "StorageError",
+    "StoreUnavailable",
+    "StoredObject",
+    "TargetRow",
+    "Upload",
+    "create_engine_for",
+    "is_terminal",
+    "make_sessionmaker",
+    "migrate",
+    "open_store",
+]

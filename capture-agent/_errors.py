@@ -1,0 +1,74 @@
+"""The agent's exceptions, one tree for everything the agent can refuse or fail at.
+
+    AgentError
+    ├── ResolveError            the pod cannot be mapped to a host-side device on this node
+    │   ├── PodNotOnNode        no network namespace on this node holds the pod's IPs
+    │   └── HostNetworkPod      the pod IP belongs to the node itself (hostNetwork)
+    ├── CaptureError            tcpdump could not be started or failed while running
+    ├── InvalidCaptureRequest   the request is malformed (bad IP, empty IP list, ...)
+    └── UnknownCapture          no capture with that id on this node
+
+The servicer maps this tree to gRPC status codes in one place, so every class here must mean one thing to a
+caller: ``PodNotOnNode`` is "ask another node / the pod moved", ``HostNetworkPod`` is "there is no pod veth, capture
+on a node interface instead", ``InvalidCaptureRequest`` is "fix your input". Causes from the OS (a failed ``ip``
+call, an errno from netlink) are chained as ``__cause__`` rather than flattened into the message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+__all__ = [
+    "AgentError",
+    "CaptureError",
+    "HostNetworkPod",
+    "InvalidCaptureRequest",
+    "PodNotOnNode",
+    "ResolveError",
+    "UnknownCapture",
+]
+
+
+class AgentError(Exception):
+    """Base of every error the agent raises on purpose."""
+
+
+class ResolveError(AgentError):
+    """The pod's traffic cannot be tied to one host-side device on this node."""
+
+
+class PodNotOnNode(ResolveError):
+    """No network namespace reachable from this node's netns holds any of the pod's IPs.
+
+    Usually the pod runs on another node (stale placement) or was deleted; it is never a reason to guess a device.
+    """
+
+    def __init__(self, node: str, ips: Sequence[str]) -> None:
+        self.node = node
+        self.ips = tuple(ips)
+        super().__init__(f"no network namespace on node {node} holds pod IP {', '.join(self.ips)}")
+
+
+class HostNetworkPod(ResolveError):
+    """The pod IP is an address of the node's own netns, so the pod shares the node's interfaces."""
+
+    def __init__(self, node: str, ip: str, interface: str) -> None:
+        self.node = node
+        self.ip = ip
+        self.interface = interface
+        super().__init__(
+            f"pod IP {ip} is an address of node {node} itself (on {interface}): "
+            "pod uses hostNetwork; there is no pod veth to capture on"
+        )
+
+
+class CaptureError(AgentError):
+    """tcpdump could not be started, or stopped in a way that makes the capture unusable."""
+
+
+class InvalidCaptureRequest(AgentError):
+    """The request cannot be acted on as given; retrying it unchanged will fail the same way."""
+
+
+class UnknownCapture(AgentError):
+    """No capture with that id exists on this node (never started here, or forgotten after an agent restart)."""

@@ -1,0 +1,157 @@
+"""AgentService over gRPC: parses requests, calls the CaptureManager, builds responses. Nothing else."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import datetime
+from typing import Any
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from podcap.api.status import ErrorTable, maps_errors, maps_stream_errors
+from podcap.api.v1 import agent_pb2, agent_pb2_grpc, common_pb2
+
+from ._captures import CaptureManager, CaptureSnapshot, CaptureSpec, JobState
+from ._errors import (
+    AgentError,
+    CaptureError,
+    HostNetworkPod,
+    InvalidCaptureRequest,
+    PodNotOnNode,
+    UnknownCapture,
+)
+from ._resolve import Interface, Resolution
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+ERRORS: ErrorTable = {
+    InvalidCaptureRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    UnknownCapture: grpc.StatusCode.NOT_FOUND,
+    PodNotOnNode: grpc.StatusCode.NOT_FOUND,
+    HostNetworkPod: grpc.StatusCode.FAILED_PRECONDITION,
+    CaptureError: grpc.StatusCode.INTERNAL,
+    AgentError: grpc.StatusCode.INTERNAL,
+}
+"""The agent's one table from its exception tree to gRPC status codes."""
+
+_STATES = {
+    JobState.RUNNING: common_pb2.CAPTURE_STATE_RUNNING,
+    JobState.UPLOADING: common_pb2.CAPTURE_STATE_UPLOADING,
+    JobState.COMPLETED: common_pb2.CAPTURE_STATE_COMPLETED,
+    JobState.FAILED: common_pb2.CAPTURE_STATE_FAILED,
+    JobState.CANCELLED: common_pb2.CAPTURE_STATE_CANCELLED,
+}
+
+
+class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
+    def __init__(self, captures: CaptureManager) -> None:
+        self._captures = captures
+
+    @maps_errors(ERRORS)
+    async def StartCapture(
+        self, request: agent_pb2.StartCaptureRequest, context: Context
+    ) -> agent_pb2.AgentCapture:
+        spec = CaptureSpec(
+            capture_id=request.capture_id,
+            pod_ips=tuple(request.pod.ips),
+            filter=request.filter,
+            duration_s=request.duration.ToTimedelta().total_seconds(),
+            object_key=request.object_key,
+            max_packets=request.limits.max_packets,
+            max_bytes=request.limits.max_bytes,
+            snaplen=request.limits.snaplen,
+        )
+        if not spec.pod_ips:
+            raise InvalidCaptureRequest("pod.ips is empty: the agent finds the pod by its IP")
+        return _capture(await self._captures.start(spec))
+
+    @maps_errors(ERRORS)
+    async def StopCapture(
+        self, request: agent_pb2.AgentCaptureRef, context: Context
+    ) -> agent_pb2.AgentCapture:
+        return _capture(await self._captures.stop(request.capture_id))
+
+    @maps_errors(ERRORS)
+    async def GetCapture(
+        self, request: agent_pb2.AgentCaptureRef, context: Context
+    ) -> agent_pb2.AgentCapture:
+        return _capture(self._captures.get(request.capture_id))
+
+    @maps_stream_errors(ERRORS)
+    async def WatchCapture(
+        self, request: agent_pb2.AgentCaptureRef, context: Context
+    ) -> AsyncIterator[agent_pb2.AgentCapture]:
+        async for snapshot in self._captures.watch(request.capture_id):
+            yield _capture(snapshot)
+
+    @maps_errors(ERRORS)
+    async def ListCaptures(
+        self, request: agent_pb2.ListAgentCapturesRequest, context: Context
+    ) -> agent_pb2.ListAgentCapturesResponse:
+        return agent_pb2.ListAgentCapturesResponse(captures=[_capture(s) for s in self._captures.all()])
+
+    @maps_errors(ERRORS)
+    async def ResolvePod(
+        self, request: agent_pb2.ResolvePodRequest, context: Context
+    ) -> agent_pb2.Resolution:
+        return _resolution(self._captures.resolve(tuple(request.pod.ips)))
+
+    @maps_errors(ERRORS)
+    async def ListInterfaces(
+        self, request: agent_pb2.ListInterfacesRequest, context: Context
+    ) -> agent_pb2.ListInterfacesResponse:
+        return agent_pb2.ListInterfacesResponse(
+            interfaces=[_interface(i) for i in self._captures.interfaces()]
+        )
+
+
+def _timestamp(when: datetime | None) -> Timestamp | None:
+    if when is None:
+        return None
+    stamp = Timestamp()
+    stamp.FromDatetime(when)
+    return stamp
+
+
+def _resolution(r: Resolution) -> agent_pb2.Resolution:
+    return agent_pb2.Resolution(
+        interface=r.interface,
+        ifindex=r.ifindex,
+        strategy=r.strategy,
+        netns=r.netns,
+        pod_interface=r.pod_interface,
+        pod_ifindex=r.pod_ifindex,
+        pod_mac=r.pod_mac,
+        pod_ip=r.pod_ip,
+    )
+
+
+def _interface(i: Interface) -> agent_pb2.Interface:
+    return agent_pb2.Interface(
+        name=i.name,
+        ifindex=i.ifindex,
+        kind=i.kind,
+        mac=i.mac,
+        addresses=list(i.addresses),
+        peer_ifindex=i.peer_ifindex or 0,
+    )
+
+
+def _capture(s: CaptureSnapshot) -> agent_pb2.AgentCapture:
+    return agent_pb2.AgentCapture(
+        capture_id=s.spec.capture_id,
+        state=_STATES[s.state],
+        resolution=_resolution(s.resolution),
+        stats=common_pb2.CaptureStats(
+            packets=s.stats.packets,
+            packets_received=s.stats.packets_received,
+            kernel_drops=s.stats.kernel_drops,
+            bytes=s.size,
+        ),
+        object_key=s.spec.object_key,
+        sha256=s.sha256,
+        error=s.error,
+        start_time=_timestamp(s.started_at),
+        end_time=_timestamp(s.ended_at),
+    )

@@ -1,0 +1,164 @@
+"""The one module that runs tcpdump.
+
+tcpdump runs as an argument list, never through a shell, with the user's filter as the single last argument after
+`--`, so no user text can ever be read as an option (a filter like `-z /evil.sh` ran code as root in another capture
+tool). We wait for tcpdump's "listening on" line before reporting the capture as running, stop it with SIGINT so
+that it flushes and prints its closing statistics, and always reap it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+from ._errors import CaptureError, InvalidCaptureRequest
+
+_STATS = {
+    "packets": re.compile(rb"^(\d+) packets? captured", re.M),
+    "packets_received": re.compile(rb"^(\d+) packets? received by filter", re.M),
+    "kernel_drops": re.compile(rb"^(\d+) packets? dropped by kernel", re.M),
+}
+_LISTENING = b"listening on "
+_START_TIMEOUT_S = 10.0
+_STOP_TIMEOUT_S = 10.0
+_STDERR_KEEP = 64 * 1024
+
+
+@dataclass(frozen=True)
+class TcpdumpStats:
+    """tcpdump's closing statistics."""
+
+    packets: int = 0
+    packets_received: int = 0
+    kernel_drops: int = 0
+
+
+def parse_stats(stderr: bytes) -> TcpdumpStats:
+    """Reads the three counters tcpdump prints on exit; a missing line counts as zero."""
+    values = {name: int(m.group(1)) if (m := rx.search(stderr)) else 0 for name, rx in _STATS.items()}
+    return TcpdumpStats(**values)
+
+
+def tcpdump_argv(
+    tcpdump: str, interface: str, spool_file: Path, snaplen: int, filter_expr: str, user: str
+) -> list[str]:
+    """The exact command line; the filter is one argument, last, after `--`."""
+    if any(token.startswith("-") for token in filter_expr.split()):
+        raise InvalidCaptureRequest("a filter token may not start with '-'")
+    if "\x00" in filter_expr:
+        raise InvalidCaptureRequest("the filter contains a NUL character")
+    argv = [
+        tcpdump,
+        "-i",
+        interface,
+        "-w",
+        str(spool_file),
+        "-U",
+        "--immediate-mode",
+        "-n",
+        "-s",
+        str(snaplen),
+    ]
+    if user:
+        argv += ["-Z", user]
+    argv.append("--")
+    if filter_expr.strip():
+        argv.append(filter_expr)
+    return argv
+
+
+class Tcpdump:
+    """One running tcpdump: started, then stopped by `stop()` or ended by itself, and always reaped by `wait()`."""
+
+    def __init__(self, process: asyncio.subprocess.Process, argv: list[str]) -> None:
+        self._process = process
+        self.argv = argv
+        self._stderr = bytearray()
+        self._stderr_done = asyncio.Event()
+        self._listening = asyncio.Event()
+        self._reader = asyncio.create_task(self._read_stderr())
+
+    @classmethod
+    async def start(cls, argv: list[str]) -> Tcpdump:
+        """Starts tcpdump and returns once it is capturing; CaptureError with tcpdump's message if it cannot."""
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            raise CaptureError(f"cannot run {argv[0]}: {exc.strerror}") from exc
+        tcpdump = cls(process, argv)
+        listening = asyncio.create_task(tcpdump._listening.wait())
+        exited = asyncio.create_task(process.wait())
+        try:
+            await asyncio.wait(
+                {listening, exited}, timeout=_START_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            listening.cancel()
+            exited.cancel()
+        if tcpdump._listening.is_set():
+            return tcpdump
+        await tcpdump.kill()
+        message = tcpdump.stderr_text().strip() or "tcpdump did not start listening in time"
+        if "syntax error" in message or "can't parse filter" in message:
+            raise InvalidCaptureRequest(f"the filter does not compile: {message}")
+        raise CaptureError(f"tcpdump failed to start: {message}")
+
+    async def _read_stderr(self) -> None:
+        stream = self._process.stderr
+        assert stream is not None
+        try:
+            while line := await stream.readline():
+                if len(self._stderr) < _STDERR_KEEP:
+                    self._stderr += line
+                if line.startswith(_LISTENING) or b": listening on " in line:
+                    self._listening.set()
+        finally:
+            self._stderr_done.set()
+
+    def stderr_text(self) -> str:
+        return self._stderr.decode("utf-8", "replace")
+
+    @property
+    def running(self) -> bool:
+        return self._process.returncode is None
+
+    async def stop(self) -> None:
+        """Asks tcpdump to finish: SIGINT makes it flush the pcap and print its statistics."""
+        if self.running:
+            with contextlib.suppress(ProcessLookupError):
+                self._process.send_signal(signal.SIGINT)
+
+    async def wait(self) -> TcpdumpStats:
+        """Waits for tcpdump to end (killing it if it ignores SIGINT) and returns its statistics."""
+        try:
+            await asyncio.wait_for(self._process.wait(), timeout=_STOP_TIMEOUT_S)
+        except TimeoutError:
+            await self.kill()
+        await self._stderr_done.wait()
+        returncode = self._process.returncode
+        if returncode not in (0, None) and returncode != -signal.SIGINT:
+            raise CaptureError(f"tcpdump exited with status {returncode}: {self.stderr_text().strip()}")
+        return parse_stats(bytes(self._stderr))
+
+    async def exited(self) -> None:
+        """Returns when tcpdump has exited on its own or been stopped."""
+        await self._process.wait()
+
+    async def kill(self) -> None:
+        """Ends tcpdump at once and reaps it; used on failure paths."""
+        if self.running:
+            with contextlib.suppress(ProcessLookupError):
+                self._process.kill()
+        await self._process.wait()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(self._stderr_done.wait(), timeout=_STOP_TIMEOUT_S)

@@ -1,0 +1,147 @@
+"""The CLI's connection to the controller: CaptureService calls with deadlines, errors as the server said them."""
+
+from __future__ import annotations
+
+import sys
+from datetime import timedelta
+from pathlib import Path
+from types import TracebackType
+
+import grpc
+from google.protobuf.duration_pb2 import Duration
+
+from podcap.api.v1 import capture_pb2, capture_pb2_grpc, common_pb2
+
+_CALL_TIMEOUT_S = 30.0
+
+
+class ClientError(Exception):
+    """A failed call, with the server's status code and message."""
+
+
+def _error(exc: grpc.aio.AioRpcError) -> ClientError:
+    return ClientError(f"{exc.code().name}: {exc.details()}")
+
+
+def _state_name(state: int) -> str:
+    return common_pb2.CaptureState.Name(state).removeprefix("CAPTURE_STATE_")  # type: ignore[arg-type]
+
+
+class Connection:
+    completed = common_pb2.CAPTURE_STATE_COMPLETED
+    failed = common_pb2.CAPTURE_STATE_FAILED
+
+    def __init__(self, server: str) -> None:
+        self._channel = grpc.aio.insecure_channel(server)
+        self._stub = capture_pb2_grpc.CaptureServiceStub(self._channel)
+        self._server = server
+
+    async def __aenter__(self) -> Connection:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self._channel.close(grace=None)
+
+    async def create(
+        self,
+        namespace: str,
+        pod: str,
+        filter_expr: str,
+        duration: timedelta,
+        max_packets: int,
+        max_bytes: int,
+        snaplen: int,
+        reason: str,
+        request_id: str,
+    ) -> capture_pb2.Capture:
+        proto_duration = Duration()
+        proto_duration.FromTimedelta(duration)
+        request = capture_pb2.CreateCaptureRequest(
+            namespace=namespace,
+            pod=pod,
+            filter=filter_expr,
+            duration=proto_duration,
+            limits=common_pb2.CaptureLimits(max_packets=max_packets, max_bytes=max_bytes, snaplen=snaplen),
+            reason=reason,
+            request_id=request_id,
+        )
+        try:
+            return await self._stub.CreateCapture(request, timeout=_CALL_TIMEOUT_S)
+        except grpc.aio.AioRpcError as exc:
+            raise _error(exc) from exc
+
+    async def get(self, capture_id: str) -> capture_pb2.Capture:
+        try:
+            return await self._stub.GetCapture(
+                capture_pb2.GetCaptureRequest(id=capture_id), timeout=_CALL_TIMEOUT_S
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise _error(exc) from exc
+
+    async def list(self, namespace: str, pod: str, state: str, limit: int) -> list[capture_pb2.Capture]:
+        state_value = 0
+        if state:
+            try:
+                state_value = common_pb2.CaptureState.Value(f"CAPTURE_STATE_{state.upper()}")
+            except ValueError:
+                raise ClientError(f"unknown state {state!r}") from None
+        request = capture_pb2.ListCapturesRequest(
+            namespace=namespace,
+            pod=pod,
+            state=state_value,  # type: ignore[arg-type]
+            page_size=min(limit, 500),
+        )
+        try:
+            response = await self._stub.ListCaptures(request, timeout=_CALL_TIMEOUT_S)
+        except grpc.aio.AioRpcError as exc:
+            raise _error(exc) from exc
+        return list(response.captures)[:limit]
+
+    async def wait(self, capture_id: str, progress: bool) -> capture_pb2.Capture:
+        """Follows the capture until it ends, printing each state change to stderr when asked."""
+        last: capture_pb2.Capture | None = None
+        try:
+            async for capture in self._stub.WatchCapture(capture_pb2.WatchCaptureRequest(id=capture_id)):
+                if progress and (last is None or last.state != capture.state):
+                    packets = sum(t.stats.packets for t in capture.targets)
+                    print(f"{capture.id}: {_state_name(capture.state)} ({packets} packets)", file=sys.stderr)
+                last = capture
+        except grpc.aio.AioRpcError as exc:
+            raise _error(exc) from exc
+        if last is None:
+            raise ClientError(f"the controller sent nothing for capture {capture_id}")
+        return last
+
+    async def stop(self, capture_id: str) -> capture_pb2.Capture:
+        try:
+            return await self._stub.StopCapture(
+                capture_pb2.StopCaptureRequest(id=capture_id), timeout=_CALL_TIMEOUT_S
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise _error(exc) from exc
+
+    async def download_url(self, capture_id: str, target: int) -> str:
+        request = capture_pb2.GetDownloadUrlRequest(id=capture_id, target=target)
+        try:
+            response = await self._stub.GetDownloadUrl(request, timeout=_CALL_TIMEOUT_S)
+        except grpc.aio.AioRpcError as exc:
+            raise _error(exc) from exc
+        return response.url
+
+    async def download(self, capture_id: str, target: int, path: Path) -> int:
+        """Streams the pcap into `path` (written under a temporary name, renamed when complete)."""
+        partial = path.with_name(path.name + ".part")
+        size = 0
+        try:
+            with partial.open("wb") as out:
+                request = capture_pb2.DownloadCaptureRequest(id=capture_id, target=target)
+                async for chunk in self._stub.DownloadCapture(request):
+                    out.write(chunk.data)
+                    size += len(chunk.data)
+            partial.replace(path)
+        except grpc.aio.AioRpcError as exc:
+            partial.unlink(missing_ok=True)
+            raise _error(exc) from exc
+        return size

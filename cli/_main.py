@@ -1,0 +1,212 @@
+"""The `podcap` command: support-staff commands over the public API, and the server entry points.
+
+Client commands (`capture`, `get`, `list`, `download`, `stop`) call CaptureService exactly as any script would;
+`controller` and `agent` build their process's settings once from the flags and run the server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import re
+import sys
+from collections.abc import Sequence
+from datetime import timedelta
+from pathlib import Path
+
+from ._client import ClientError, Connection
+from ._output import print_capture, print_captures
+
+SERVER_ENV = "PODCAP_SERVER"
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+
+
+def parse_duration(text: str) -> timedelta:
+    """`30s`, `1m30s`, `500ms`, `2h`; a bare number is seconds."""
+    text = text.strip()
+    if re.fullmatch(r"-?\d+(\.\d+)?", text):
+        return timedelta(seconds=float(text))
+    if not text or _DURATION_PART.sub("", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 30s, 1m30s or 500ms")
+    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+    return timedelta(seconds=sum(float(n) * units[u] for n, u in _DURATION_PART.findall(text)))
+
+
+def _pod_ref(text: str) -> tuple[str, str]:
+    namespace, sep, pod = text.partition("/")
+    if not sep or not namespace or not pod:
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAMESPACE/POD")
+    return namespace, pod
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="podcap", description="Capture a Kubernetes pod's traffic to a pcap."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def client(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument(
+            "--server",
+            default=os.environ.get(SERVER_ENV, "127.0.0.1:7070"),
+            help=f"controller HOST:PORT (${SERVER_ENV})",
+        )
+        p.add_argument("-o", "--output", choices=["text", "json"], default="text")
+        return p
+
+    p = client("capture", "capture one pod's traffic")
+    p.add_argument("pod", type=_pod_ref, metavar="NAMESPACE/POD")
+    p.add_argument("--filter", default="", help="tcpdump capture filter, e.g. 'tcp port 443'")
+    p.add_argument(
+        "--duration", type=parse_duration, default=timedelta(seconds=30), help="e.g. 30s, 2m (default 30s)"
+    )
+    p.add_argument("--max-packets", type=int, default=0)
+    p.add_argument("--max-bytes", type=int, default=0)
+    p.add_argument("--snaplen", type=int, default=0, help="bytes kept per packet (default: whole packets)")
+    p.add_argument("--reason", default="", help="why, for the audit trail (a ticket number, say)")
+    p.add_argument("--request-id", default="", help="makes a retried command return the same capture")
+    p.add_argument("--wait", action="store_true", help="wait until the capture has ended, showing progress")
+    p.add_argument("--download", type=Path, metavar="PATH", help="wait, then save the pcap to PATH")
+
+    p = client("get", "show one capture")
+    p.add_argument("id")
+    p = client("list", "list captures, newest first")
+    p.add_argument("-n", "--namespace", default="")
+    p.add_argument("--pod", default="")
+    p.add_argument("--state", default="", help="PENDING, RUNNING, UPLOADING, COMPLETED, FAILED or CANCELLED")
+    p.add_argument("--limit", type=int, default=50)
+    p = client("download", "save a completed capture's pcap")
+    p.add_argument("id")
+    p.add_argument("-f", "--file", type=Path, required=True, metavar="PATH")
+    p.add_argument("--target", type=int, default=0, help="which pod of a multi-pod capture (default 0)")
+    p = client("url", "print a short-lived download URL for a completed capture")
+    p.add_argument("id")
+    p.add_argument("--target", type=int, default=0)
+    p = client("stop", "end a running capture early (what was captured is kept)")
+    p.add_argument("id")
+    p.add_argument("--wait", action="store_true", help="wait until the pcap is stored")
+
+    p = sub.add_parser("controller", help="run the controller")
+    p.add_argument("--listen", required=True, metavar="HOST:PORT")
+    p.add_argument("--db", required=True, metavar="SQLALCHEMY_URL", help="e.g. sqlite:///podcap.db")
+    p.add_argument("--store", required=True, metavar="URL", help="s3://BUCKET/PREFIX or file:///DIR")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--kubeconfig", type=Path, metavar="PATH")
+    source.add_argument("--inventory", type=Path, metavar="FILE", help="static YAML inventory (local runs)")
+    source.add_argument("--in-cluster", action="store_true", help="use the pod's service account")
+    p.add_argument("--agent-namespace", default="podcap-system")
+    p.add_argument("--agent-port", type=int, default=7443)
+    p.add_argument("--max-duration", type=parse_duration, default=timedelta(hours=1))
+    p.add_argument("--download-url-ttl", type=parse_duration, default=timedelta(minutes=5))
+
+    p = sub.add_parser("agent", help="run the capture agent of one node")
+    p.add_argument("--node-name", required=True)
+    p.add_argument("--listen", required=True, metavar="HOST:PORT")
+    p.add_argument("--store", required=True, metavar="URL")
+    p.add_argument("--spool-dir", type=Path, default=Path("/var/lib/podcap/spool"))
+    p.add_argument("--tcpdump", default="tcpdump", help="tcpdump binary")
+    p.add_argument(
+        "--tcpdump-user", default="tcpdump", help="user tcpdump drops to after opening the device (-Z)"
+    )
+    p.add_argument("--max-duration", type=parse_duration, default=timedelta(hours=1))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        if args.command == "controller":
+            return _run_controller(args)
+        if args.command == "agent":
+            return _run_agent(args)
+        return asyncio.run(_client_command(args))
+    except ClientError as exc:
+        print(f"podcap: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+async def _client_command(args: argparse.Namespace) -> int:
+    json_output = args.output == "json"
+    async with Connection(args.server) as conn:
+        if args.command == "capture":
+            namespace, pod = args.pod
+            capture = await conn.create(
+                namespace=namespace,
+                pod=pod,
+                filter_expr=args.filter,
+                duration=args.duration,
+                max_packets=args.max_packets,
+                max_bytes=args.max_bytes,
+                snaplen=args.snaplen,
+                reason=args.reason,
+                request_id=args.request_id,
+            )
+            if args.wait or args.download:
+                capture = await conn.wait(capture.id, progress=True)
+            if args.download and capture.state == conn.completed:
+                size = await conn.download(capture.id, 0, args.download)
+                if not json_output:
+                    print(f"saved {size} bytes to {args.download}", file=sys.stderr)
+            print_capture(capture, json_output)
+            return 0 if capture.state != conn.failed else 1
+        if args.command == "get":
+            print_capture(await conn.get(args.id), json_output)
+        elif args.command == "list":
+            print_captures(await conn.list(args.namespace, args.pod, args.state, args.limit), json_output)
+        elif args.command == "download":
+            size = await conn.download(args.id, args.target, args.file)
+            print(f"saved {size} bytes to {args.file}", file=sys.stderr)
+        elif args.command == "url":
+            print(await conn.download_url(args.id, args.target))
+        elif args.command == "stop":
+            capture = await conn.stop(args.id)
+            if args.wait:
+                capture = await conn.wait(capture.id, progress=True)
+            print_capture(capture, json_output)
+    return 0
+
+
+def _run_controller(args: argparse.Namespace) -> int:
+    from podcap.controller import CaptureLimitsCaps, CaptureSettings, ControllerSettings, serve
+
+    settings = ControllerSettings(
+        listen=args.listen,
+        db_url=args.db,
+        store_url=args.store,
+        kubeconfig=args.kubeconfig,
+        inventory_file=args.inventory,
+        agent_namespace=args.agent_namespace,
+        agent_port=args.agent_port,
+        captures=CaptureSettings(
+            caps=CaptureLimitsCaps(max_duration=args.max_duration), download_url_ttl=args.download_url_ttl
+        ),
+    )
+    asyncio.run(serve(settings))
+    return 0
+
+
+def _run_agent(args: argparse.Namespace) -> int:
+    from podcap.agent import AgentSettings, Limits, serve
+
+    settings = AgentSettings(
+        node_name=args.node_name,
+        listen=args.listen,
+        store_url=args.store,
+        spool_dir=args.spool_dir,
+        tcpdump=args.tcpdump,
+        tcpdump_user=args.tcpdump_user,
+        limits=Limits(max_duration_s=args.max_duration.total_seconds()),
+    )
+    asyncio.run(serve(settings))
+    return 0

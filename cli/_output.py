@@ -1,0 +1,109 @@
+"""How the CLI shows captures: a short human view, or JSON (`-o json`) for scripts.
+
+The JSON view is flat for the common one-pod capture (node, interface, packets, ... at the top) and keeps every
+target under `targets`, so scripts work the same for multi-pod captures.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from podcap.api.v1 import capture_pb2, common_pb2
+
+
+def _state(value: int) -> str:
+    return common_pb2.CaptureState.Name(value).removeprefix("CAPTURE_STATE_")  # type: ignore[arg-type]
+
+
+def _time(capture: Any, field: str) -> str:
+    return getattr(capture, field).ToJsonString() if capture.HasField(field) else ""
+
+
+def _target(t: capture_pb2.CaptureTarget) -> dict[str, Any]:
+    return {
+        "namespace": t.namespace,
+        "pod": t.pod,
+        "node": t.node,
+        "pod_ip": t.pod_ip,
+        "interface": t.interface,
+        "state": _state(t.state),
+        "packets": t.stats.packets,
+        "packets_received": t.stats.packets_received,
+        "drops": t.stats.kernel_drops,
+        "bytes": t.stats.bytes,
+        "object_key": t.object_key,
+        "sha256": t.sha256,
+        "error": t.error,
+        "started": _time(t, "start_time"),
+        "ended": _time(t, "end_time"),
+    }
+
+
+def capture_dict(c: capture_pb2.Capture) -> dict[str, Any]:
+    targets = [_target(t) for t in c.targets]
+    one = targets[0] if len(targets) == 1 else None
+    return {
+        "id": c.id,
+        "state": _state(c.state),
+        "namespace": c.namespace,
+        "pod": c.pod,
+        "label_selector": c.label_selector,
+        "node": one["node"] if one else "",
+        "interface": one["interface"] if one else "",
+        "filter": c.filter,
+        "duration_seconds": c.duration.ToTimedelta().total_seconds(),
+        "packets": sum(t["packets"] for t in targets),
+        "drops": sum(t["drops"] for t in targets),
+        "bytes": sum(t["bytes"] for t in targets),
+        "sha256": one["sha256"] if one else "",
+        "object_key": one["object_key"] if one else "",
+        "requester": c.requester,
+        "reason": c.reason,
+        "created": _time(c, "create_time"),
+        "started": _time(c, "start_time"),
+        "ended": _time(c, "end_time"),
+        "error": c.error,
+        "targets": targets,
+    }
+
+
+def print_capture(capture: capture_pb2.Capture, as_json: bool) -> None:
+    view = capture_dict(capture)
+    if as_json:
+        print(json.dumps(view, indent=2))
+        return
+    for key in (
+        "id",
+        "state",
+        "namespace",
+        "pod",
+        "filter",
+        "duration_seconds",
+        "created",
+        "started",
+        "ended",
+    ):
+        print(f"{key:>12}: {view[key]}")
+    if view["error"]:
+        print(f"{'error':>12}: {view['error']}")
+    for t in view["targets"]:
+        print(
+            f"  {t['namespace']}/{t['pod']} on {t['node'] or '?'} via {t['interface'] or '?'}: {t['state']}"
+        )
+        print(f"      packets {t['packets']}, kernel drops {t['drops']}, {t['bytes']} bytes")
+        if t["sha256"]:
+            print(f"      sha256 {t['sha256']}  ({t['object_key']})")
+        if t["error"]:
+            print(f"      error: {t['error']}")
+
+
+def print_captures(captures: list[capture_pb2.Capture], as_json: bool) -> None:
+    views = [capture_dict(c) for c in captures]
+    if as_json:
+        print(json.dumps(views, indent=2))
+        return
+    print(f"{'ID':32}  {'STATE':9}  {'POD':40}  {'PACKETS':>8}  CREATED")
+    for v in views:
+        pod = f"{v['namespace']}/{v['pod'] or v['label_selector']}"
+        print(f"{v['id']:32}  {v['state']:9}  {pod[:40]:40}  {v['packets']:>8}  {v['created']}")

@@ -1,0 +1,105 @@
+"""The controller's client of the node agents: one gRPC channel per agent address, a deadline on every call, and
+the agents' status codes turned back into the controller's own errors."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import timedelta
+
+import grpc
+from google.protobuf.duration_pb2 import Duration
+
+from podcap.api.v1 import agent_pb2, agent_pb2_grpc, common_pb2
+
+from ._errors import ControllerError, InvalidRequest, NotFound, Unavailable, WrongState
+
+AgentCapture = agent_pb2.AgentCapture
+
+
+class AgentFailed(ControllerError):
+    """The agent answered, but could not do what was asked (tcpdump failed, say)."""
+
+
+class CaptureUnknownToAgent(NotFound):
+    """The agent has no record of the capture (it restarted and lost it)."""
+
+
+_CODES: dict[grpc.StatusCode, type[ControllerError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidRequest,
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.FAILED_PRECONDITION: WrongState,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: Unavailable,
+}
+
+
+def _error(address: str, error: grpc.aio.AioRpcError) -> ControllerError:
+    code = error.code()
+    cls = _CODES.get(code, AgentFailed)
+    if cls is Unavailable:
+        return Unavailable(f"capture agent at {address} unreachable: {error.details() or code.name}")
+    return cls(f"capture agent at {address}: {error.details() or code.name}")
+
+
+class AgentClients:
+    """Channels to the agents, opened on first use and kept."""
+
+    def __init__(self, call_timeout: float = 15.0) -> None:
+        self._call_timeout = call_timeout
+        self._stubs: dict[str, tuple[grpc.aio.Channel, agent_pb2_grpc.AgentServiceAsyncStub]] = {}
+
+    def _stub(self, address: str) -> agent_pb2_grpc.AgentServiceAsyncStub:
+        if address not in self._stubs:
+            channel = grpc.aio.insecure_channel(address)
+            self._stubs[address] = (channel, agent_pb2_grpc.AgentServiceStub(channel))
+        return self._stubs[address][1]
+
+    async def start(
+        self,
+        address: str,
+        capture_id: str,
+        pod: agent_pb2.PodRef,
+        filter_expr: str,
+        duration: timedelta,
+        limits: common_pb2.CaptureLimits,
+        object_key: str,
+    ) -> AgentCapture:
+        request = agent_pb2.StartCaptureRequest(
+            capture_id=capture_id,
+            pod=pod,
+            filter=filter_expr,
+            duration=Duration(seconds=int(duration.total_seconds()), nanos=duration.microseconds * 1000),
+            limits=limits,
+            object_key=object_key,
+        )
+        try:
+            return await self._stub(address).StartCapture(request, timeout=self._call_timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise _error(address, exc) from exc
+
+    async def stop(self, address: str, capture_id: str) -> AgentCapture:
+        try:
+            ref = agent_pb2.AgentCaptureRef(capture_id=capture_id)
+            return await self._stub(address).StopCapture(ref, timeout=self._call_timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise _error(address, exc) from exc
+
+    async def watch(self, address: str, capture_id: str) -> AsyncIterator[AgentCapture]:
+        """Snapshots until the terminal one; no deadline, since a capture may run for its whole duration."""
+        call = self._stub(address).WatchCapture(agent_pb2.AgentCaptureRef(capture_id=capture_id))
+        try:
+            async for snapshot in call:
+                yield snapshot
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                raise CaptureUnknownToAgent(
+                    f"capture agent at {address} has no capture {capture_id}"
+                ) from exc
+            raise _error(address, exc) from exc
+        finally:
+            call.cancel()
+
+    async def close(self) -> None:
+        for channel, _ in self._stubs.values():
+            await channel.close(grace=None)
+        self._stubs.clear()

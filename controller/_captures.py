@@ -1,0 +1,407 @@
+"""The capture use cases: create, follow, stop, read and download captures, and the one state machine they share.
+
+PENDING -> RUNNING -> UPLOADING -> COMPLETED | FAILED | CANCELLED, per target (one pod) and rolled up per capture.
+Every transition is written before it is acted on: the row exists (PENDING) before the agent is asked to start,
+and a terminal state is never left. After the agent has started, a follower task mirrors the agent's reports
+into SQL; at start-up the controller follows again every capture that was not terminal, so a restart loses none.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import TypeVar
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from podcap.api.v1 import agent_pb2, common_pb2
+from podcap.storage import (
+    TERMINAL_STATES,
+    CaptureRepository,
+    CaptureRow,
+    CaptureState,
+    ObjectStore,
+    TargetRow,
+)
+
+from ._agents import AgentCapture, AgentClients, CaptureUnknownToAgent
+from ._errors import CaptureNotFound, ControllerError, InvalidRequest, Unavailable, WrongState
+from ._inventory import Inventory, Pod
+from ._validation import CaptureLimitsCaps, CaptureRequest, validate
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_AGENT_STATES = {
+    common_pb2.CAPTURE_STATE_RUNNING: CaptureState.RUNNING,
+    common_pb2.CAPTURE_STATE_UPLOADING: CaptureState.UPLOADING,
+    common_pb2.CAPTURE_STATE_COMPLETED: CaptureState.COMPLETED,
+    common_pb2.CAPTURE_STATE_FAILED: CaptureState.FAILED,
+    common_pb2.CAPTURE_STATE_CANCELLED: CaptureState.CANCELLED,
+}
+_ORDER = [CaptureState.PENDING, CaptureState.RUNNING, CaptureState.UPLOADING]
+_WATCH_POLL_S = 1.0
+
+
+def roll_up(states: list[CaptureState]) -> CaptureState:
+    """A capture's state from its targets': the least advanced while any runs, else the worst outcome."""
+    running = [s for s in states if s not in TERMINAL_STATES]
+    if running:
+        return min(running, key=_ORDER.index)
+    for outcome in (CaptureState.FAILED, CaptureState.CANCELLED):
+        if outcome in states:
+            return outcome
+    return CaptureState.COMPLETED
+
+
+@dataclass(frozen=True)
+class Download:
+    url: str
+    expires_at: datetime
+    filename: str
+
+
+@dataclass(frozen=True)
+class Page:
+    captures: list[CaptureRow]
+    next_token: str
+
+
+@dataclass(frozen=True)
+class CaptureSettings:
+    caps: CaptureLimitsCaps = field(default_factory=CaptureLimitsCaps)
+    download_url_ttl: timedelta = timedelta(minutes=5)
+    agent_lost_after: timedelta = timedelta(seconds=60)
+
+
+class _Changes:
+    """Wakes the watchers of a capture when this replica changes it (other replicas' changes are polled)."""
+
+    def __init__(self) -> None:
+        self._events: dict[str, asyncio.Event] = {}
+
+    def event(self, capture_id: str) -> asyncio.Event:
+        return self._events.setdefault(capture_id, asyncio.Event())
+
+    def notify(self, capture_id: str) -> None:
+        if (event := self._events.pop(capture_id, None)) is not None:
+            event.set()
+
+
+class Captures:
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        inventory: Inventory,
+        agents: AgentClients,
+        store: ObjectStore,
+        settings: CaptureSettings = CaptureSettings(),
+    ) -> None:
+        self._sessions = sessions
+        self._inventory = inventory
+        self._agents = agents
+        self._store = store
+        self._settings = settings
+        self._changes = _Changes()
+        self._followers: set[asyncio.Task[None]] = set()
+
+    async def _tx(self, work: Callable[[CaptureRepository], T]) -> T:
+        """Runs `work` in one transaction, in a worker thread (the DB driver blocks)."""
+
+        def run() -> T:
+            with self._sessions.begin() as session:
+                return work(CaptureRepository(session))
+
+        return await asyncio.to_thread(run)
+
+    async def create(self, request: CaptureRequest, requester: str) -> CaptureRow:
+        request = validate(request, self._settings.caps)
+        if request.request_id:
+            existing = await self._tx(lambda repo: repo.find_by_request(requester, request.request_id))
+            if existing is not None:
+                return _same_request(existing, request)
+        pod = await asyncio.to_thread(self._inventory.get_pod, request.namespace, request.pod)
+        _check_capturable(pod)
+        address = await asyncio.to_thread(self._inventory.agent_address, pod.node)
+        row = _new_row(request, requester, pod, address)
+        await self._tx(lambda repo: repo.add(row))
+        target = row.targets[0]
+        try:
+            report = await self._agents.start(
+                address,
+                _agent_capture_id(row.id, target.index),
+                agent_pb2.PodRef(namespace=pod.namespace, name=pod.name, ips=list(pod.ips)),
+                request.filter,
+                request.duration,
+                common_pb2.CaptureLimits(
+                    max_packets=request.max_packets, max_bytes=request.max_bytes, snaplen=request.snaplen
+                ),
+                target.object_key,
+            )
+        except ControllerError as exc:
+            await self._record_failure(row.id, target.index, str(exc))
+            raise
+        await self._record(row.id, target.index, report)
+        self._follow(row.id, target.index, address)
+        return await self.get(row.id)
+
+    async def get(self, capture_id: str) -> CaptureRow:
+        row = await self._tx(lambda repo: repo.get(capture_id))
+        if row is None:
+            raise CaptureNotFound(f"capture {capture_id!r} not found")
+        return row
+
+    async def page(
+        self, namespace: str, pod: str, state: CaptureState | None, page_size: int, page_token: str
+    ) -> Page:
+        size = min(max(page_size, 1), 500) if page_size else 50
+        after = _decode_token(page_token) if page_token else None
+        rows = await self._tx(
+            lambda repo: repo.list(namespace=namespace, pod=pod, state=state, limit=size + 1, after=after)
+        )
+        more = len(rows) > size
+        rows = rows[:size]
+        return Page(rows, _encode_token(rows[-1]) if more else "")
+
+    async def watch(self, capture_id: str) -> AsyncIterator[CaptureRow]:
+        """The capture now and after every change, ending with its terminal snapshot."""
+        last: datetime | None = None
+        while True:
+            changed = self._changes.event(capture_id)
+            row = await self.get(capture_id)
+            if row.updated_at != last:
+                last = row.updated_at
+                yield row
+            if row.state in TERMINAL_STATES:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), timeout=_WATCH_POLL_S)
+
+    async def stop(self, capture_id: str) -> CaptureRow:
+        row = await self.get(capture_id)
+        if row.state in TERMINAL_STATES:
+            raise WrongState(f"capture {capture_id} is already {row.state.value}")
+        for target in row.targets:
+            if target.state == CaptureState.RUNNING:
+                await self._agents.stop(target.agent_address, _agent_capture_id(row.id, target.index))
+        return await self.get(capture_id)
+
+    async def _completed_target(self, capture_id: str, index: int) -> tuple[CaptureRow, TargetRow]:
+        row = await self.get(capture_id)
+        if not 0 <= index < len(row.targets):
+            raise InvalidRequest(f"capture {capture_id} has no target {index} (it has {len(row.targets)})")
+        target = row.targets[index]
+        if target.state != CaptureState.COMPLETED:
+            raise WrongState(
+                f"capture {capture_id} is {target.state.value}; its pcap can be downloaded once COMPLETED"
+            )
+        return row, target
+
+    async def download_url(self, capture_id: str, index: int) -> Download:
+        row, target = await self._completed_target(capture_id, index)
+        ttl = self._settings.download_url_ttl
+        filename = pcap_filename(target, row.created_at)
+        url = await asyncio.to_thread(self._store.presign_get, target.object_key, ttl, filename)
+        return Download(url=url, expires_at=datetime.now(UTC) + ttl, filename=filename)
+
+    async def download(self, capture_id: str, index: int) -> AsyncIterator[bytes]:
+        _, target = await self._completed_target(capture_id, index)
+        chunks: Iterator[bytes] = await asyncio.to_thread(self._store.iter_bytes, target.object_key)
+        try:
+            while (chunk := await asyncio.to_thread(next, chunks, b"")) != b"":
+                yield chunk
+        finally:
+            close = getattr(chunks, "close", None)
+            if close is not None:
+                await asyncio.to_thread(close)
+
+    async def resume(self) -> None:
+        """Follows again every capture left non-terminal by an earlier run of the controller."""
+        rows = await self._tx(lambda repo: repo.non_terminal())
+        for row in rows:
+            for target in row.targets:
+                if target.state not in TERMINAL_STATES:
+                    self._follow(row.id, target.index, target.agent_address)
+
+    async def close(self) -> None:
+        for task in list(self._followers):
+            task.cancel()
+        await asyncio.gather(*self._followers, return_exceptions=True)
+
+    def _follow(self, capture_id: str, index: int, address: str) -> None:
+        task = asyncio.create_task(
+            self._follow_target(capture_id, index, address), name=f"follow-{capture_id}"
+        )
+        self._followers.add(task)
+        task.add_done_callback(self._followers.discard)
+
+    async def _follow_target(self, capture_id: str, index: int, address: str) -> None:
+        """Mirrors the agent's reports into SQL until the target is terminal; gives up on a lost agent."""
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + self._settings.agent_lost_after.total_seconds()
+        delay = 0.2
+        while True:
+            try:
+                async for report in self._agents.watch(address, _agent_capture_id(capture_id, index)):
+                    give_up_at = loop.time() + self._settings.agent_lost_after.total_seconds()
+                    if await self._record(capture_id, index, report):
+                        return
+            except CaptureUnknownToAgent as exc:
+                await self._record_failure(capture_id, index, f"the agent lost the capture: {exc}")
+                return
+            except Unavailable as exc:
+                if loop.time() >= give_up_at:
+                    await self._record_failure(capture_id, index, f"{exc}; gave up waiting for it")
+                    return
+                log.warning("capture %s: %s; retrying", capture_id, exc)
+            except Exception:
+                log.exception("capture %s: following the agent failed", capture_id)
+                await self._record_failure(capture_id, index, "the controller failed to follow the agent")
+                return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    async def _record(self, capture_id: str, index: int, report: AgentCapture) -> bool:
+        """Writes an agent report; True once the target is terminal."""
+
+        def write(repo: CaptureRepository) -> bool:
+            row = repo.get_for_update(capture_id)
+            if row is None:
+                return True
+            target = row.targets[index]
+            if target.state in TERMINAL_STATES:
+                return True
+            now = datetime.now(UTC)
+            target.state = _AGENT_STATES.get(report.state, target.state)
+            target.interface = report.resolution.interface or target.interface
+            target.packets = report.stats.packets
+            target.packets_received = report.stats.packets_received
+            target.kernel_drops = report.stats.kernel_drops
+            target.bytes = report.stats.bytes
+            target.sha256 = report.sha256
+            target.error = report.error
+            if report.HasField("start_time"):
+                target.started_at = report.start_time.ToDatetime(UTC)
+            if target.state in TERMINAL_STATES:
+                target.ended_at = report.end_time.ToDatetime(UTC) if report.HasField("end_time") else now
+            _roll_up(row, now)
+            return target.state in TERMINAL_STATES
+
+        done = await self._tx(write)
+        self._changes.notify(capture_id)
+        return done
+
+    async def _record_failure(self, capture_id: str, index: int, error: str) -> None:
+        def write(repo: CaptureRepository) -> None:
+            row = repo.get_for_update(capture_id)
+            if row is None or row.targets[index].state in TERMINAL_STATES:
+                return
+            now = datetime.now(UTC)
+            target = row.targets[index]
+            target.state, target.error, target.ended_at = CaptureState.FAILED, error, now
+            _roll_up(row, now)
+
+        await self._tx(write)
+        self._changes.notify(capture_id)
+
+
+def _roll_up(row: CaptureRow, now: datetime) -> None:
+    row.state = roll_up([t.state for t in row.targets])
+    row.updated_at = now
+    starts = [t.started_at for t in row.targets if t.started_at is not None]
+    if starts and row.started_at is None:
+        row.started_at = min(starts)
+    if row.state in TERMINAL_STATES:
+        row.ended_at = now
+        row.error = "; ".join(f"{t.namespace}/{t.pod}: {t.error}" for t in row.targets if t.error)
+
+
+def _check_capturable(pod: Pod) -> None:
+    name = f"{pod.namespace}/{pod.name}"
+    if pod.phase != "Running":
+        raise WrongState(f"pod {name} is {pod.phase or 'not running'}; only a Running pod can be captured")
+    if pod.host_network:
+        raise WrongState(f"pod {name} uses hostNetwork: it has no veth of its own to capture on")
+    if not pod.ips:
+        raise WrongState(f"pod {name} has no IP address yet")
+    if not pod.node:
+        raise WrongState(f"pod {name} is not scheduled on a node")
+
+
+def _new_row(request: CaptureRequest, requester: str, pod: Pod, agent_address: str) -> CaptureRow:
+    now = datetime.now(UTC)
+    capture_id = uuid.uuid4().hex
+    row = CaptureRow(
+        id=capture_id,
+        request_id=request.request_id or None,
+        requester=requester,
+        reason=request.reason,
+        namespace=request.namespace,
+        pod=request.pod,
+        label_selector=request.label_selector,
+        filter=request.filter,
+        duration_ms=int(request.duration.total_seconds() * 1000),
+        max_packets=request.max_packets,
+        max_bytes=request.max_bytes,
+        snaplen=request.snaplen,
+        state=CaptureState.PENDING,
+        error="",
+        created_at=now,
+        updated_at=now,
+    )
+    row.targets = [
+        TargetRow(
+            index=0,
+            namespace=pod.namespace,
+            pod=pod.name,
+            node=pod.node,
+            pod_ip=",".join(pod.ips),
+            pod_uid=pod.uid,
+            agent_address=agent_address,
+            state=CaptureState.PENDING,
+            object_key=f"{capture_id}/{pod.namespace}_{pod.name}.pcap",
+        )
+    ]
+    return row
+
+
+def _same_request(existing: CaptureRow, request: CaptureRequest) -> CaptureRow:
+    """An idempotent retry returns the capture it created; a different body under the same id is refused."""
+    same = (
+        existing.namespace == request.namespace
+        and existing.pod == request.pod
+        and existing.filter == request.filter
+        and existing.duration_ms == int(request.duration.total_seconds() * 1000)
+    )
+    if not same:
+        raise InvalidRequest(f"request_id {request.request_id!r} was already used for a different capture")
+    return existing
+
+
+def _agent_capture_id(capture_id: str, index: int) -> str:
+    return f"{capture_id}-{index}"
+
+
+def pcap_filename(target: TargetRow, created_at: datetime) -> str:
+    """`<namespace>_<pod>_<start>.pcap`, the name a downloaded pcap gets."""
+    start = (target.started_at or created_at).strftime("%Y%m%dT%H%M%SZ")
+    return f"{target.namespace}_{target.pod}_{start}.pcap"
+
+
+def _encode_token(row: CaptureRow) -> str:
+    return base64.urlsafe_b64encode(f"{row.created_at.isoformat()}|{row.id}".encode()).decode()
+
+
+def _decode_token(token: str) -> tuple[datetime, str]:
+    try:
+        created, capture_id = base64.urlsafe_b64decode(token.encode()).decode().split("|", 1)
+        return datetime.fromisoformat(created), capture_id
+    except (ValueError, UnicodeError) as exc:
+        raise InvalidRequest("page_token is not one this server issued") from exc

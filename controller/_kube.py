@@ -1,0 +1,241 @@
+"""The inventory in a cluster: pods and node agents read from the Kubernetes API with the official client.
+
+This is the only module that imports `kubernetes`. Everything the client can raise is turned here into the
+controller's errors (PodNotFound, Forbidden, Unavailable, ...) with a message a support engineer can act on
+and the client's exception chained, so no caller ever sees an `ApiException` or a urllib3 error.
+
+Two client behaviours are corrected on the way:
+- urllib3 would retry a refused or timed-out request three times; the controller answers a person waiting on
+  a capture, so a request is tried once and an unreachable or hung API fails within `request_timeout`.
+  (urllib3 still replaces a pooled connection the server has closed before reusing it.)
+- `_request_timeout` given as a float is silently ignored by kubernetes' REST client (it only accepts an int
+  or a (connect, read) tuple), so it is always passed as a tuple.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import urllib3
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+from kubernetes.config.config_exception import ConfigException
+
+from podcap.controller._errors import (
+    Forbidden,
+    InvalidRequest,
+    NoAgentOnNode,
+    PodNotFound,
+    Unavailable,
+)
+from podcap.controller._inventory import AGENT_LABEL, ContainerStatus, Pod
+
+_RETRIES = urllib3.Retry(total=0)
+
+
+class KubernetesInventory:
+    """Blocking lookups through one `ApiClient`; safe to call from several worker threads."""
+
+    def __init__(
+        self,
+        api_client: client.ApiClient,
+        agent_namespace: str,
+        agent_port: int,
+        request_timeout: float = 5.0,
+    ) -> None:
+        self._api_client = api_client
+        self._core = client.CoreV1Api(api_client)
+        self._agent_namespace = agent_namespace
+        self._agent_port = agent_port
+        self._timeout = (request_timeout, request_timeout)
+        self._host = str(api_client.configuration.host)
+
+    @classmethod
+    def from_kubeconfig(
+        cls,
+        path: str | Path,
+        *,
+        agent_namespace: str,
+        agent_port: int,
+        context: str | None = None,
+        request_timeout: float = 5.0,
+    ) -> KubernetesInventory:
+        """From a kubeconfig file (its current context unless `context`); the global default is left alone.
+
+        ValueError naming the file when it cannot be used.
+        """
+        configuration = client.Configuration()
+        configuration.retries = _RETRIES
+        try:
+            api_client = config.new_client_from_config(
+                config_file=str(path),
+                context=context,
+                persist_config=False,
+                client_configuration=configuration,
+            )
+        except (ConfigException, OSError, ValueError) as error:
+            raise ValueError(f"kubeconfig {path}: {error}") from error
+        return cls(api_client, agent_namespace, agent_port, request_timeout)
+
+    @classmethod
+    def in_cluster(
+        cls, *, agent_namespace: str, agent_port: int, request_timeout: float = 5.0
+    ) -> KubernetesInventory:
+        """From the pod's service account; ValueError when not running in a cluster."""
+        configuration = client.Configuration()
+        try:
+            config.load_incluster_config(client_configuration=configuration)
+        except ConfigException as error:
+            raise ValueError(f"in-cluster Kubernetes configuration unavailable: {error}") from error
+        configuration.retries = _RETRIES
+        return cls(client.ApiClient(configuration), agent_namespace, agent_port, request_timeout)
+
+    def close(self) -> None:
+        """Close the client's connections (idle keep-alive sockets included)."""
+        self._api_client.close()
+        self._api_client.rest_client.pool_manager.clear()
+
+    def get_pod(self, namespace: str, name: str) -> Pod:
+        with self._translate_errors("get", namespace, name):
+            pod = self._core.read_namespaced_pod(name, namespace, _request_timeout=self._timeout)
+        return _to_pod(pod)
+
+    def list_pods(self, namespace: str, label_selector: str) -> list[Pod]:
+        with self._translate_errors("list", namespace):
+            pods = self._core.list_namespaced_pod(
+                namespace, label_selector=label_selector, _request_timeout=self._timeout
+            )
+        return [_to_pod(pod) for pod in pods.items]
+
+    def agent_address(self, node: str) -> str:
+        with self._translate_errors("list", self._agent_namespace):
+            pods = self._core.list_namespaced_pod(
+                self._agent_namespace,
+                label_selector=AGENT_LABEL,
+                field_selector=f"spec.nodeName={node}",
+                _request_timeout=self._timeout,
+            ).items
+        if not pods:
+            raise NoAgentOnNode(
+                f"no podcap agent on node {node} (looked for pods labelled {AGENT_LABEL} "
+                f"in namespace {self._agent_namespace})"
+            )
+        serving = sorted((pod for pod in pods if _serving(pod)), key=lambda pod: str(pod.metadata.name))
+        if not serving:
+            found = "; ".join(_describe(pod) for pod in pods)
+            raise NoAgentOnNode(
+                f"the podcap agent on node {node} is not Ready ({found}); "
+                f"see kubectl -n {self._agent_namespace} describe pod {pods[0].metadata.name}"
+            )
+        ip = str(serving[0].status.pod_ip)
+        host = f"[{ip}]" if ":" in ip else ip
+        return f"{host}:{self._agent_port}"
+
+    @contextmanager
+    def _translate_errors(self, verb: str, namespace: str, name: str | None = None) -> Iterator[None]:
+        what = f"{verb} pods in namespace {namespace}"
+        try:
+            yield
+        except ApiException as error:
+            raise self._api_error(error, what, namespace, name) from error
+        except (urllib3.exceptions.HTTPError, OSError) as error:
+            reason = error.reason if isinstance(error, urllib3.exceptions.MaxRetryError) else error
+            raise Unavailable(f"Kubernetes API unreachable at {self._host}: {reason}") from error
+
+    def _api_error(self, error: ApiException, what: str, namespace: str, name: str | None) -> Exception:
+        status = int(error.status or 0)
+        message = _status_message(error)
+        if status == 0:  # the client's own failure before any answer, e.g. TLS
+            return Unavailable(f"Kubernetes API unreachable at {self._host}: {message}")
+        if status == 404 and name is not None:
+            return PodNotFound(f"pod {namespace}/{name} not found")
+        if status == 401:
+            return Forbidden(
+                f"the Kubernetes API at {self._host} rejected the controller's credentials "
+                f"(401 Unauthorized; check its service account token or kubeconfig): {message}"
+            )
+        if status == 403:
+            return Forbidden(f"the controller may not {what} (RBAC): {message}")
+        if status in (400, 422):
+            return InvalidRequest(f"the Kubernetes API refused to {what}: {message}")
+        return Unavailable(
+            f"Kubernetes API at {self._host} answered {status} {error.reason} to {what}: {message}"
+        )
+
+
+def _status_message(error: ApiException) -> str:
+    """The `message` of the Status object the API server sends with an error, else what there is."""
+    try:
+        body = json.loads(error.body or "")
+    except ValueError:
+        body = None
+    if isinstance(body, dict) and body.get("message"):
+        return str(body["message"])
+    return str(error.body or error.reason or "no details")
+
+
+def _to_pod(pod: Any) -> Pod:
+    metadata, spec, status = pod.metadata, pod.spec, pod.status
+    ips = tuple(str(entry.ip) for entry in (status and status.pod_i_ps) or () if entry.ip)
+    if not ips and status and status.pod_ip:
+        ips = (str(status.pod_ip),)
+    return Pod(
+        namespace=str(metadata.namespace),
+        name=str(metadata.name),
+        node=str((spec and spec.node_name) or ""),
+        ips=ips,
+        phase=str((status and status.phase) or "Unknown"),
+        host_network=bool(spec and spec.host_network),
+        uid=str(metadata.uid or ""),
+        labels={str(key): str(value) for key, value in (metadata.labels or {}).items()},
+        containers=tuple(_to_container(entry) for entry in (status and status.container_statuses) or ()),
+    )
+
+
+def _to_container(entry: Any) -> ContainerStatus:
+    return ContainerStatus(
+        name=str(entry.name),
+        ready=bool(entry.ready),
+        restart_count=int(entry.restart_count or 0),
+        state=_state(entry.state),
+    )
+
+
+def _state(state: Any) -> str:
+    if state is None:
+        return ""
+    if state.running is not None:
+        return "running"
+    if state.waiting is not None:
+        return f"waiting: {state.waiting.reason}" if state.waiting.reason else "waiting"
+    if state.terminated is not None:
+        terminated = state.terminated
+        return f"terminated: {terminated.reason or f'exit code {terminated.exit_code}'}"
+    return ""
+
+
+def _ready(pod: Any) -> bool:
+    conditions = (pod.status and pod.status.conditions) or ()
+    return any(c.type == "Ready" and c.status == "True" for c in conditions)
+
+
+def _serving(pod: Any) -> bool:
+    """Running, Ready, with an IP and not being deleted: an agent that can take a capture now."""
+    return bool(
+        pod.metadata.deletion_timestamp is None
+        and pod.status
+        and pod.status.phase == "Running"
+        and pod.status.pod_ip
+        and _ready(pod)
+    )
+
+
+def _describe(pod: Any) -> str:
+    phase = (pod.status and pod.status.phase) or "Unknown"
+    terminating = ", terminating" if pod.metadata.deletion_timestamp is not None else ""
+    ip = "" if pod.status and pod.status.pod_ip else ", no pod IP"
+    return f"pod {pod.metadata.name}: phase {phase}, Ready={_ready(pod)}{terminating}{ip}"

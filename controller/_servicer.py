@@ -1,0 +1,201 @@
+"""CaptureService over gRPC: parses requests, calls the `Captures` use cases, builds responses.
+
+The table `ERRORS` is the one place where the controller's exceptions become gRPC status codes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import datetime, timedelta
+from typing import Any
+
+import grpc
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from podcap.api.status import ErrorTable, maps_errors, maps_stream_errors
+from podcap.api.v1 import capture_pb2, capture_pb2_grpc, common_pb2
+from podcap.storage import CaptureRow, CaptureState, StorageError, TargetRow
+
+from ._agents import AgentFailed
+from ._captures import Captures
+from ._errors import (
+    ControllerError,
+    Forbidden,
+    InvalidRequest,
+    LimitExceeded,
+    NotFound,
+    Unavailable,
+    WrongState,
+)
+from ._validation import CaptureRequest
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+ERRORS: ErrorTable = {
+    InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    WrongState: grpc.StatusCode.FAILED_PRECONDITION,
+    Forbidden: grpc.StatusCode.PERMISSION_DENIED,
+    LimitExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Unavailable: grpc.StatusCode.UNAVAILABLE,
+    StorageError: grpc.StatusCode.UNAVAILABLE,
+    AgentFailed: grpc.StatusCode.INTERNAL,
+    ControllerError: grpc.StatusCode.INTERNAL,
+}
+
+_STATES = {
+    CaptureState.PENDING: common_pb2.CAPTURE_STATE_PENDING,
+    CaptureState.RUNNING: common_pb2.CAPTURE_STATE_RUNNING,
+    CaptureState.UPLOADING: common_pb2.CAPTURE_STATE_UPLOADING,
+    CaptureState.COMPLETED: common_pb2.CAPTURE_STATE_COMPLETED,
+    CaptureState.FAILED: common_pb2.CAPTURE_STATE_FAILED,
+    CaptureState.CANCELLED: common_pb2.CAPTURE_STATE_CANCELLED,
+}
+_FROM_PROTO = {value: state for state, value in _STATES.items()}
+
+# Until authentication lands every caller is the same anonymous user; the audit trail says so honestly.
+ANONYMOUS = "anonymous"
+
+
+class CaptureServicer(capture_pb2_grpc.CaptureServiceServicer):
+    def __init__(self, captures: Captures) -> None:
+        self._captures = captures
+
+    @maps_errors(ERRORS)
+    async def CreateCapture(
+        self, request: capture_pb2.CreateCaptureRequest, context: Context
+    ) -> capture_pb2.Capture:
+        row = await self._captures.create(
+            CaptureRequest(
+                namespace=request.namespace,
+                pod=request.pod,
+                label_selector=request.label_selector,
+                filter=request.filter,
+                duration=_timedelta(request.duration) if request.HasField("duration") else timedelta(0),
+                max_packets=request.limits.max_packets,
+                max_bytes=request.limits.max_bytes,
+                snaplen=request.limits.snaplen,
+                request_id=request.request_id,
+                reason=request.reason,
+            ),
+            requester=ANONYMOUS,
+        )
+        return capture_message(row)
+
+    @maps_errors(ERRORS)
+    async def GetCapture(
+        self, request: capture_pb2.GetCaptureRequest, context: Context
+    ) -> capture_pb2.Capture:
+        return capture_message(await self._captures.get(request.id))
+
+    @maps_errors(ERRORS)
+    async def ListCaptures(
+        self, request: capture_pb2.ListCapturesRequest, context: Context
+    ) -> capture_pb2.ListCapturesResponse:
+        if request.state and request.state not in _FROM_PROTO:
+            raise InvalidRequest(f"unknown state {request.state}")
+        page = await self._captures.page(
+            namespace=request.namespace,
+            pod=request.pod,
+            state=_FROM_PROTO.get(request.state),
+            page_size=request.page_size,
+            page_token=request.page_token,
+        )
+        return capture_pb2.ListCapturesResponse(
+            captures=[capture_message(row) for row in page.captures], next_page_token=page.next_token
+        )
+
+    @maps_stream_errors(ERRORS)
+    async def WatchCapture(
+        self, request: capture_pb2.WatchCaptureRequest, context: Context
+    ) -> AsyncIterator[capture_pb2.Capture]:
+        async for row in self._captures.watch(request.id):
+            yield capture_message(row)
+
+    @maps_errors(ERRORS)
+    async def StopCapture(
+        self, request: capture_pb2.StopCaptureRequest, context: Context
+    ) -> capture_pb2.Capture:
+        return capture_message(await self._captures.stop(request.id))
+
+    @maps_errors(ERRORS)
+    async def GetDownloadUrl(
+        self, request: capture_pb2.GetDownloadUrlRequest, context: Context
+    ) -> capture_pb2.GetDownloadUrlResponse:
+        download = await self._captures.download_url(request.id, request.target)
+        return capture_pb2.GetDownloadUrlResponse(
+            url=download.url, expire_time=_timestamp(download.expires_at), filename=download.filename
+        )
+
+    @maps_stream_errors(ERRORS)
+    async def DownloadCapture(
+        self, request: capture_pb2.DownloadCaptureRequest, context: Context
+    ) -> AsyncIterator[capture_pb2.DownloadChunk]:
+        async for chunk in self._captures.download(request.id, request.target):
+            yield capture_pb2.DownloadChunk(data=chunk)
+
+    async def DeleteCapture(
+        self, request: capture_pb2.DeleteCaptureRequest, context: Context
+    ) -> capture_pb2.DeleteCaptureResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "DeleteCapture is not served yet")
+        raise AssertionError("unreachable: context.abort raises")
+
+
+def _timedelta(duration: Duration) -> timedelta:
+    return duration.ToTimedelta()
+
+
+def _timestamp(when: datetime | None) -> Timestamp | None:
+    if when is None:
+        return None
+    stamp = Timestamp()
+    stamp.FromDatetime(when)
+    return stamp
+
+
+def _target_message(target: TargetRow) -> capture_pb2.CaptureTarget:
+    return capture_pb2.CaptureTarget(
+        namespace=target.namespace,
+        pod=target.pod,
+        node=target.node,
+        pod_ip=target.pod_ip,
+        interface=target.interface,
+        state=_STATES[target.state],
+        stats=common_pb2.CaptureStats(
+            packets=target.packets,
+            packets_received=target.packets_received,
+            kernel_drops=target.kernel_drops,
+            bytes=target.bytes,
+        ),
+        object_key=target.object_key,
+        sha256=target.sha256,
+        error=target.error,
+        start_time=_timestamp(target.started_at),
+        end_time=_timestamp(target.ended_at),
+    )
+
+
+def capture_message(row: CaptureRow) -> capture_pb2.Capture:
+    duration = Duration()
+    duration.FromMilliseconds(row.duration_ms)
+    return capture_pb2.Capture(
+        id=row.id,
+        state=_STATES[row.state],
+        namespace=row.namespace,
+        pod=row.pod,
+        label_selector=row.label_selector,
+        filter=row.filter,
+        duration=duration,
+        limits=common_pb2.CaptureLimits(
+            max_packets=row.max_packets, max_bytes=row.max_bytes, snaplen=row.snaplen
+        ),
+        requester=row.requester,
+        reason=row.reason,
+        request_id=row.request_id or "",
+        create_time=_timestamp(row.created_at),
+        start_time=_timestamp(row.started_at),
+        end_time=_timestamp(row.ended_at),
+        error=row.error,
+        targets=[_target_message(t) for t in row.targets],
+    )

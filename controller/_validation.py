@@ -1,0 +1,104 @@
+"""Validation of a capture request, before any state exists: a refused request stores nothing and starts nothing.
+
+Names must be what Kubernetes accepts (DNS-1123), the filter must compile with libpcap and may not carry a token
+that tcpdump could read as an option, and the duration and limits must be within this controller's caps.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import timedelta
+
+from ._bpf import FilterError, check_filter
+from ._errors import InvalidRequest
+
+_DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_MAX_FILTER = 4096
+_MAX_REASON = 1024
+_MAX_REQUEST_ID = 128
+
+
+@dataclass(frozen=True)
+class CaptureLimitsCaps:
+    """What this controller allows a capture to ask for."""
+
+    max_duration: timedelta = timedelta(hours=1)
+    max_snaplen: int = 262144
+
+
+@dataclass(frozen=True)
+class CaptureRequest:
+    """A validated CreateCapture."""
+
+    namespace: str
+    pod: str
+    filter: str
+    duration: timedelta
+    max_packets: int = 0
+    max_bytes: int = 0
+    snaplen: int = 0
+    request_id: str = ""
+    reason: str = ""
+    label_selector: str = ""
+
+
+def check_label(kind: str, value: str) -> None:
+    """A DNS-1123 label (namespaces), e.g. `shop`."""
+    if not value:
+        raise InvalidRequest(f"{kind} is required")
+    if len(value) > 63 or not _DNS1123_LABEL.match(value):
+        raise InvalidRequest(
+            f"{kind} {value[:80]!r} is not a valid DNS-1123 label (lower-case letters, digits and '-', "
+            "at most 63 characters, starting and ending with a letter or digit)"
+        )
+
+
+def check_subdomain(kind: str, value: str) -> None:
+    """A DNS-1123 subdomain (pod names), e.g. `checkout-7d9f.v2`."""
+    if not value:
+        raise InvalidRequest(f"{kind} is required")
+    if len(value) > 253 or not all(_DNS1123_LABEL.match(part) for part in value.split(".")):
+        raise InvalidRequest(
+            f"{kind} {value[:80]!r} is not a valid DNS-1123 subdomain (lower-case letters, digits, '-' and '.', "
+            "at most 253 characters)"
+        )
+
+
+def check_filter_expression(expression: str) -> None:
+    if len(expression) > _MAX_FILTER:
+        raise InvalidRequest(f"the filter is longer than {_MAX_FILTER} characters")
+    for token in expression.split():
+        if token.startswith("-"):
+            raise InvalidRequest(
+                f"filter token {token[:40]!r} starts with '-'; tcpdump would read it as an option"
+            )
+    try:
+        check_filter(expression)
+    except FilterError as exc:
+        raise InvalidRequest(f"the filter does not compile: {exc}") from exc
+
+
+def validate(request: CaptureRequest, caps: CaptureLimitsCaps) -> CaptureRequest:
+    """Returns the request if every field is acceptable, else raises InvalidRequest saying which and why."""
+    check_label("namespace", request.namespace)
+    if request.label_selector:
+        raise InvalidRequest("label_selector captures are not served yet; name one pod")
+    check_subdomain("pod", request.pod)
+    if request.duration <= timedelta(0):
+        raise InvalidRequest("duration must be above zero")
+    if request.duration > caps.max_duration:
+        raise InvalidRequest(
+            f"duration {request.duration.total_seconds():g}s is above this controller's cap of "
+            f"{caps.max_duration.total_seconds():g}s"
+        )
+    if request.max_packets < 0 or request.max_bytes < 0:
+        raise InvalidRequest("max_packets and max_bytes may not be negative")
+    if not 0 <= request.snaplen <= caps.max_snaplen:
+        raise InvalidRequest(f"snaplen must be between 0 (full packets) and {caps.max_snaplen}")
+    if len(request.request_id) > _MAX_REQUEST_ID:
+        raise InvalidRequest(f"request_id is longer than {_MAX_REQUEST_ID} characters")
+    if len(request.reason) > _MAX_REASON:
+        raise InvalidRequest(f"reason is longer than {_MAX_REASON} characters")
+    check_filter_expression(request.filter)
+    return request

@@ -1,0 +1,207 @@
+"""The SQL schema of captures, as typed SQLAlchemy models.
+
+One row per capture request (``captures``) and one per pod it covers (``capture_targets``): a label
+selector can match several pods, each captured by the agent on its own node and uploaded as its own object.
+The schema is written for both SQLite (the embedded default) and PostgreSQL, so it avoids native enums and
+stores timestamps as timezone-aware UTC on both. The migrations under ``migrations/`` create exactly this
+schema; a test compares the two.
+"""
+
+import enum
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    Dialect,
+    Enum,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.ext.orderinglist import ordering_list
+from sqlalchemy.orm import DeclarativeBase, Mapped, MappedColumn, mapped_column, relationship
+
+__all__ = [
+    "TERMINAL_STATES",
+    "Base",
+    "CaptureRow",
+    "CaptureState",
+    "TargetRow",
+    "UTCDateTime",
+    "is_terminal",
+    "utcnow",
+]
+
+# Deterministic constraint names, so migrations can name (and later alter or drop) what the models create.
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class CaptureState(enum.StrEnum):
+    """Where a capture (or one of its targets) is in its life; the stored string is the member's value."""
+
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    UPLOADING = "UPLOADING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+
+TERMINAL_STATES = frozenset({CaptureState.COMPLETED, CaptureState.FAILED, CaptureState.CANCELLED})
+
+
+def is_terminal(state: CaptureState) -> bool:
+    """Whether a capture in ``state`` will never change again."""
+    return state in TERMINAL_STATES
+
+
+def utcnow() -> datetime:
+    """The current time as an aware UTC datetime, the only kind the models accept."""
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A ``DateTime(timezone=True)`` that always hands back aware UTC datetimes.
+
+    SQLite has no timezone-aware type: SQLAlchemy stores the wall-clock digits and drops the offset, so
+    values are normalised to UTC on the way in and tagged UTC on the way out. PostgreSQL returns them in the
+    session's time zone, so those are converted too. Naive datetimes are refused: their meaning depends on
+    the host.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise ValueError(f"naive datetime {value!r}: podcap stores timezone-aware UTC timestamps only")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        assert isinstance(value, datetime)
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    """Declarative base of every podcap table; its ``metadata`` is what the migrations are checked against."""
+
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+def _state_column() -> MappedColumn[Any]:
+    # A string plus a CHECK constraint rather than a native enum: SQLite has none, and adding a state to a
+    # PostgreSQL enum cannot run inside a transaction. The width leaves room for longer state names.
+    state_type = Enum(
+        CaptureState,
+        name="state",
+        native_enum=False,
+        create_constraint=True,
+        length=16,
+        values_callable=lambda members: [m.value for m in members],
+        validate_strings=True,
+    )
+    return mapped_column(state_type, default=CaptureState.PENDING)
+
+
+def _text(type_: Any = Text) -> MappedColumn[Any]:
+    """A non-null text column that defaults to the empty string, in Python and in the DDL alike."""
+    return mapped_column(type_, default="", server_default=text("''"))
+
+
+def _count() -> MappedColumn[Any]:
+    """A non-null counter or limit that defaults to 0 (0 meaning "none" for limits)."""
+    return mapped_column(BigInteger, default=0, server_default=text("0"))
+
+
+class CaptureRow(Base):
+    """One capture request, as created by ``CreateCapture``; the capture id is chosen by the caller."""
+
+    __tablename__ = "captures"
+    __table_args__ = (
+        UniqueConstraint("requester", "request_id"),  # idempotent CreateCapture per caller
+        Index(None, "namespace", "created_at"),  # ListCaptures filtered by namespace
+        Index(None, "state"),  # the reconciler's non-terminal scan
+        Index(None, "created_at", "id"),  # keyset pagination, newest first
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    request_id: Mapped[str | None] = mapped_column(String(128))
+    requester: Mapped[str] = mapped_column(String(256))
+    reason: Mapped[str] = _text()
+    namespace: Mapped[str] = mapped_column(String(63))
+    pod: Mapped[str] = _text(String(253))
+    label_selector: Mapped[str] = _text()
+    filter: Mapped[str] = _text()
+    duration_ms: Mapped[int] = mapped_column(BigInteger)
+    max_packets: Mapped[int] = _count()
+    max_bytes: Mapped[int] = _count()
+    snaplen: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    state: Mapped[CaptureState] = _state_column()
+    error: Mapped[str] = _text()
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+    # ordering_list keeps TargetRow.index equal to the target's position, so callers just append.
+    targets: Mapped[list["TargetRow"]] = relationship(
+        order_by="TargetRow.index",
+        collection_class=ordering_list("index"),
+        cascade="all, delete-orphan",
+        passive_deletes=True,
+        lazy="selectin",
+    )
+
+    def __repr__(self) -> str:
+        return f"<CaptureRow {self.id} {self.namespace}/{self.pod or self.label_selector} {self.state}>"
+
+
+class TargetRow(Base):
+    """One pod of a capture: where it was captured, what came of it, and where its pcap is stored."""
+
+    __tablename__ = "capture_targets"
+
+    capture_id: Mapped[str] = mapped_column(
+        String(32), ForeignKey("captures.id", ondelete="CASCADE"), primary_key=True
+    )
+    index: Mapped[int] = mapped_column(Integer, primary_key=True)
+    namespace: Mapped[str] = mapped_column(String(253))
+    pod: Mapped[str] = mapped_column(String(253))
+    node: Mapped[str] = mapped_column(String(253))
+    pod_ip: Mapped[str] = mapped_column(String(64))
+    pod_uid: Mapped[str] = _text(String(64))
+    agent_address: Mapped[str] = _text(String(256))
+    interface: Mapped[str] = _text(String(64))
+    state: Mapped[CaptureState] = _state_column()
+    packets: Mapped[int] = _count()
+    packets_received: Mapped[int] = _count()
+    kernel_drops: Mapped[int] = _count()
+    bytes: Mapped[int] = _count()
+    object_key: Mapped[str] = _text()
+    sha256: Mapped[str] = _text(String(64))
+    error: Mapped[str] = _text()
+    pod_context: Mapped[str] = _text()  # JSON of the pod's phase and containers, written by the controller
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+    def __repr__(self) -> str:
+        return f"<TargetRow {self.capture_id}[{self.index}] {self.namespace}/{self.pod} {self.state}>"

@@ -1,0 +1,123 @@
+"""The object store seam: where pcaps go, whatever is behind it.
+
+The agent streams a growing spool file into an :class:`Upload`; the controller reads, sizes, presigns and
+deletes objects. Two implementations keep the seam honest: S3 (any S3-compatible server, through boto3) for
+production, a local directory for the embedded default and single-node runs. Both see the same keys,
+relative to the store's prefix or directory, and both raise only the storage error tree.
+"""
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import unquote, urlsplit
+
+from ._errors import StorageError
+
+__all__ = ["ObjectStore", "StoredObject", "Upload", "check_key", "open_store", "upload_path"]
+
+# Reading a file into an upload: large enough for few system calls, small enough to bound memory.
+_FILE_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    """A completed object: its key (relative to the store), size in bytes and hex SHA-256 of its content."""
+
+    key: str
+    size: int
+    sha256: str
+
+
+class Upload(Protocol):
+    """A streaming upload; nothing is visible under the key until :meth:`complete` returns.
+
+    The size and SHA-256 are computed from the bytes as they are written, never by reading the object back.
+    After an error, :meth:`abort` and start over from the source: a failed upload is not resumable.
+    """
+
+    def write(self, data: bytes) -> None: ...
+
+    def complete(self) -> StoredObject: ...
+
+    def abort(self) -> None:
+        """Throw away what was written, leaving nothing: no partial object, no pending multipart upload."""
+        ...
+
+
+class ObjectStore(Protocol):
+    """Objects under one S3 prefix or local directory; keys are relative ``a/b/c.pcap`` paths."""
+
+    url: str  # "s3://bucket/prefix" or "file:///dir", for logs and messages
+
+    def open_upload(self, key: str) -> Upload: ...
+
+    def upload_file(self, key: str, path: Path) -> StoredObject:
+        """Upload a whole file, reading it in chunks so memory stays bounded."""
+        ...
+
+    def iter_bytes(self, key: str, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+        """The object's content in chunks; a missing key raises ObjectNotFound here, before any chunk."""
+        ...
+
+    def stat(self, key: str) -> int:
+        """The object's size in bytes; ObjectNotFound if missing."""
+        ...
+
+    def presign_get(self, key: str, expires: timedelta, filename: str) -> str:
+        """A URL that downloads the object as ``filename`` without credentials, until ``expires`` passes."""
+        ...
+
+    def delete(self, key: str) -> None:
+        """Delete the object; deleting a missing key is not an error."""
+        ...
+
+
+def check_key(key: str) -> str:
+    """Return ``key`` if it is a safe relative path inside a store, else raise ValueError.
+
+    Keys become S3 keys under a prefix and file paths under a directory: "..", absolute paths, empty
+    segments and NUL bytes could escape the directory or alias another key, so they are refused in both.
+    """
+    if not key or key.startswith("/") or "\\" in key or "\x00" in key:
+        raise ValueError(f"invalid object key {key!r}: must be a non-empty relative path like 'a/b.pcap'")
+    if any(segment in ("", ".", "..") for segment in key.split("/")):
+        raise ValueError(f"invalid object key {key!r}: empty, '.' and '..' path segments are not allowed")
+    return key
+
+
+def upload_path(store: ObjectStore, key: str, path: Path) -> StoredObject:
+    """``store.upload_file`` for any store: chunks of ``path`` through ``store.open_upload``."""
+    upload = store.open_upload(key)
+    try:
+        with path.open("rb") as source:
+            while chunk := source.read(_FILE_CHUNK):
+                upload.write(chunk)
+        return upload.complete()
+    except BaseException:
+        # Keep the original error: if the store is down, the abort fails too, and says less.
+        with contextlib.suppress(StorageError):
+            upload.abort()
+        raise
+
+
+def open_store(url: str) -> ObjectStore:
+    """The store for ``s3://BUCKET[/PREFIX]`` or ``file:///DIR``; any other URL raises ValueError."""
+    parts = urlsplit(url)
+    if parts.scheme == "s3":
+        if not parts.netloc:
+            raise ValueError(
+                f"invalid object store URL {url!r}: s3:// URLs need a bucket, s3://BUCKET/PREFIX"
+            )
+        from ._s3 import S3Store  # boto3 is only imported when S3 is used
+
+        return S3Store(bucket=parts.netloc, prefix=unquote(parts.path).strip("/"))
+    if parts.scheme == "file":
+        if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
+            raise ValueError(f"invalid object store URL {url!r}: expected an absolute path, file:///DIR")
+        from ._localdir import LocalDirStore
+
+        return LocalDirStore(Path(unquote(parts.path)))
+    raise ValueError(f"unsupported object store URL {url!r}: expected s3://BUCKET[/PREFIX] or file:///DIR")

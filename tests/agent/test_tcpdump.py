@@ -1,0 +1,49 @@
+"""The tcpdump command line and its closing statistics: no user text ever becomes an option."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from podcap.agent._errors import InvalidCaptureRequest
+from podcap.agent._tcpdump import TcpdumpStats, parse_stats, tcpdump_argv
+
+
+def test_filter_is_one_argument_after_double_dash_and_last() -> None:
+    argv = tcpdump_argv(
+        "tcpdump",
+        "cali0123456789a",
+        Path("/spool/x.pcap"),
+        262144,
+        "tcp port 443 and host 10.0.0.1",
+        "tcpdump",
+    )
+    assert argv[-2:] == ["--", "tcp port 443 and host 10.0.0.1"]
+    assert argv[:3] == ["tcpdump", "-i", "cali0123456789a"]
+    assert argv[argv.index("-Z") : argv.index("-Z") + 2] == ["-Z", "tcpdump"]
+
+
+def test_empty_filter_captures_everything() -> None:
+    argv = tcpdump_argv("tcpdump", "eth0", Path("/x.pcap"), 96, "  ", "")
+    assert argv[-1] == "--"
+    assert "-Z" not in argv
+
+
+@pytest.mark.parametrize("bad", ["-z /evil.sh", "port 80 -w /etc/passwd", "port 80\x00"])
+def test_option_like_tokens_and_nul_are_refused(bad: str) -> None:
+    with pytest.raises(InvalidCaptureRequest):
+        tcpdump_argv("tcpdump", "eth0", Path("/x.pcap"), 0, bad, "")
+
+
+def test_closing_statistics_are_parsed() -> None:
+    stderr = (
+        b"tcpdump: listening on cali1, link-type EN10MB (Ethernet), snapshot length 262144 bytes\n"
+        b"1532 packets captured\n1540 packets received by filter\n8 packets dropped by kernel\n"
+    )
+    assert parse_stats(stderr) == TcpdumpStats(packets=1532, packets_received=1540, kernel_drops=8)
+
+
+def test_singular_and_missing_statistics() -> None:
+    assert parse_stats(b"1 packet captured\n") == TcpdumpStats(packets=1)
+    assert parse_stats(b"") == TcpdumpStats()

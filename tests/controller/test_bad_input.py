@@ -1,0 +1,167 @@
+"""Bad input on CreateCapture: the documented status code, a message a person understands, and nothing stored.
+
+A real controller process (static inventory, SQLite, local directory store) answers real gRPC calls; no agent is
+needed because every case here must be refused before any agent is asked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import grpc
+import pytest
+import sqlalchemy as sa
+from google.protobuf.duration_pb2 import Duration
+
+from podcap.api.v1 import capture_pb2, capture_pb2_grpc
+from tests.support.processes import cli, controller, free_port
+
+INVENTORY = """
+pods:
+  - namespace: shop
+    name: checkout-7d9f
+    node: node-1
+    ips: [10.251.1.10]
+agents:
+  node-1: 127.0.0.1:{agent_port}
+"""
+
+
+@pytest.fixture
+def offline(tmp_path: Path) -> Iterator[tuple[capture_pb2_grpc.CaptureServiceStub, str, sa.Engine]]:
+    inventory = tmp_path / "inventory.yaml"
+    inventory.write_text(INVENTORY.format(agent_port=free_port()))
+    db = f"sqlite:///{tmp_path / 'podcap.db'}"
+    args = ["--db", db, "--store", f"file://{tmp_path / 'store'}", "--inventory", str(inventory)]
+    with controller([*args, "--max-duration", "60s"], tmp_path / "controller.log") as address:
+        engine = sa.create_engine(db)
+        with grpc.insecure_channel(address) as channel:
+            yield capture_pb2_grpc.CaptureServiceStub(channel), address, engine
+        engine.dispose()
+
+
+def _create(stub: capture_pb2_grpc.CaptureServiceStub, **fields: object) -> grpc.RpcError:
+    body: dict[str, object] = {"namespace": "shop", "pod": "checkout-7d9f", "filter": "tcp port 443"}
+    body.update(fields)
+    if "duration" not in body:
+        body["duration"] = Duration(seconds=5)
+    with pytest.raises(grpc.RpcError) as failure:
+        stub.CreateCapture(capture_pb2.CreateCaptureRequest(**body), timeout=10)  # type: ignore[arg-type]
+    return failure.value
+
+
+def _stored(engine: sa.Engine) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(sa.text("SELECT count(*) FROM captures")).scalar_one())
+
+
+def _duration(delta: timedelta) -> Duration:
+    d = Duration()
+    d.FromTimedelta(delta)
+    return d
+
+
+def test_unknown_pod_is_not_found_and_named(
+    offline: tuple[capture_pb2_grpc.CaptureServiceStub, str, sa.Engine],
+) -> None:
+    stub, _, engine = offline
+    error = _create(stub, pod="nope-123")
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    assert "shop/nope-123" in error.details()
+    assert _stored(engine) == 0
+
+
+@pytest.mark.parametrize(
+    ("bad_filter", "says"),
+    [
+        ("tcp prot 443", "syntax error"),
+        ("port 99999", "illegal port number"),
+        ("host 10.0.0.1 and (", "syntax error"),
+    ],
+)
+def test_filter_that_does_not_compile_is_refused_with_libpcaps_message(
+    offline: tuple[capture_pb2_grpc.CaptureServiceStub, str, sa.Engine], bad_filter: str, says: str
+) -> None:
+    stub, _, engine = offline
+    error = _create(stub, filter=bad_filter)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "does not compile" in error.details() and says in error.details()
+    assert _stored(engine) == 0
+
+
+@pytest.mark.parametrize("bad_filter", ["-z /tmp/evil.sh", "tcp port 80 -w /tmp/x.pcap", "--help"])
+def test_filter_token_starting_with_dash_is_refused(
+    offline: tuple[capture_pb2_grpc.CaptureServiceStub, str, sa.Engine], bad_filter: str
+) -> None:
+    stub, _, engine = offline
+    error = _create(stub, filter=bad_filter)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "starts with '-'" in error.details()
+    assert _stored(engine) == 0
+
+
+@pytest.mark.parametrize(
+    ("duration", "says"),
+    [
+        (None, "duration must be above zero"),
+        (timedelta(0), "duration must be above zero"),
+        (timedelta(seconds=-5), "duration must be above zero"),
+        (timedelta(seconds=61), "above this controller's cap of 60s"),
+    ],
+)
+def test_duration_out_of_range_is_refused(
+    offline: tuple[capture_pb2_grpc.CaptureServiceStub, str, sa.Engine], duration: timedelta | None, says: str
+) -> None:
+    stub, _, engine = offline
+    request = capture_pb2.CreateCaptureRequest(namespace="shop", pod="checkout-7d9f")
+    if duration is not None:
+        request.duration.CopyFrom(_duration(duration))
+    with pytest.raises(grpc.RpcError) as failure:
+        stub.CreateCapture(request, timeout=10)
+    assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert says in failure.value.details()
+    assert _stored(engine) == 0
+
+
+@pytest.mark.parametrize(
+    ("fields", "says"),
+    [
+        ({"namespace": "Shop_1"}, "not a valid DNS-1123 label"),
+        ({"pod": "a" * 254}, "not a valid DNS-1123 subdomain"),
+        ({"namespace": ""}, "namespace is required"),
+    ],
+)
+def test_names_that_kubernetes_would_refuse_are_refused(
+    offline: tuple[capture_pb2_grpc.CaptureServiceStub, str, sa.Engine], fields: dict[str, str], says: str
+) -> None:
+    stub, _, engine = offline
+    error = _create(stub, **fields)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert says in error.details()
+    assert _stored(engine) == 0
+
+
+def test_unknown_capture_is_not_found(
+    offline: tuple[capture_pb2_grpc.CaptureServiceStub, str, sa.Engine],
+) -> None:
+    stub, _, _ = offline
+    with pytest.raises(grpc.RpcError) as failure:
+        stub.GetCapture(capture_pb2.GetCaptureRequest(id="0" * 32), timeout=10)
+    assert failure.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_cli_exits_non_zero_with_the_servers_message(
+    offline: tuple[capture_pb2_grpc.CaptureServiceStub, str, sa.Engine],
+) -> None:
+    _, address, engine = offline
+    result = cli(["capture", "shop/nope-123", "--filter", "tcp port 443", "--duration", "5s"], server=address)
+    assert result.returncode != 0
+    assert "NOT_FOUND" in result.stderr and "shop/nope-123" in result.stderr
+    result = cli(
+        ["capture", "shop/checkout-7d9f", "--filter", "-z /tmp/evil.sh", "--duration", "5s"], server=address
+    )
+    assert result.returncode != 0
+    assert "INVALID_ARGUMENT" in result.stderr
+    assert _stored(engine) == 0

@@ -1,0 +1,331 @@
+"""The walking skeleton, end to end, with real parts only.
+
+Two simulated nodes (network namespaces) meet on a bridge; a client pod on node-1 and a server pod on node-2 hang
+off them by Calico-style veths. A real capture agent runs in each node's netns, one controller process in the
+root netns; a support engineer runs `podcap capture shop/server --filter 'tcp port 8080' --download ...` while
+the pods exchange HTTP and UDP. The pcap must hold exactly the filtered traffic of the server pod, and its row in
+SQL must say so, with the sha256 of the file the engineer downloaded.
+
+Run 1: S3 (moto's server over HTTP, boto3 configured by AWS_* variables) + PostgreSQL + the Kubernetes inventory
+(the real `kubernetes` client against the fake API server). Run 2: the local directory store + SQLite + the
+static YAML inventory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import threading
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import boto3
+import pytest
+import sqlalchemy as sa
+import yaml
+
+from tests.support.fakekube import FakeKube
+from tests.support.lab import Lab
+from tests.support.processes import PODCAP, controller, free_port, spool_root, stop, wait_healthy
+
+pytestmark = pytest.mark.netns
+
+HTTP_PORT = 8080
+UDP_PORT = 9999
+PROBES = [f"/probe-{i}" for i in range(5)]
+
+
+@pytest.fixture
+def spool() -> Iterator[Path]:
+    with spool_root() as path:
+        yield path
+
+
+@dataclass
+class Stack:
+    lab: Lab
+    server: str
+    db_url: str
+    store_url: str
+    s3_bucket: str | None
+    s3_env: dict[str, str]
+
+
+@pytest.fixture(params=["s3-postgresql-kubernetes", "localdir-sqlite-static"])
+def stack(request: pytest.FixtureRequest, lab: Lab, fake_kube: FakeKube, tmp_path: Path) -> Iterator[Stack]:
+    agent_port = free_port()
+    env: dict[str, str] = {}
+    bucket = None
+    if request.param.startswith("s3"):
+        s3 = request.getfixturevalue("s3_server")
+        bucket = f"pcaps-{os.getpid()}-{agent_port}"
+        boto3.client("s3", endpoint_url=s3.endpoint, **_aws(s3.env)).create_bucket(Bucket=bucket)
+        store_url = f"s3://{bucket}/captures"
+        env = dict(s3.env)
+        s3_port = int(s3.endpoint.rsplit(":", 1)[1])
+        for node in lab.nodes.values():
+            # The agents reach the S3 server on their own loopback, relayed to the root namespace's.
+            lab.forward_into(node.netns, s3_port, "127.0.0.1", s3_port)
+        db_url = request.getfixturevalue("postgres_url")
+    else:
+        store_url = f"file://{tmp_path / 'store'}"
+        db_url = f"sqlite:///{tmp_path / 'podcap.db'}"
+
+    agents = []
+    spool = request.getfixturevalue("spool")
+    for i, node in enumerate(sorted(lab.nodes.values(), key=lambda n: n.name)):
+        agent_address = f"127.0.0.{i + 2}"
+        process = lab.popen(
+            node.netns,
+            [
+                PODCAP,
+                "agent",
+                "--node-name",
+                node.name,
+                "--listen",
+                f"127.0.0.1:{agent_port}",
+                "--store",
+                store_url,
+                "--spool-dir",
+                str(spool / node.name),
+            ],
+            env={**os.environ, **env},
+            stdout=(tmp_path / f"agent-{node.name}.log").open("wb"),
+            stderr=subprocess.STDOUT,
+        )
+        agents.append(process)
+        lab.forward_out(agent_address, agent_port, node.netns, "127.0.0.1", agent_port)
+        wait_healthy(f"{agent_address}:{agent_port}", process)
+        fake_kube.add_agent(node.name, agent_address)
+
+    for pod in lab.pods.values():
+        fake_kube.add_pod(pod.namespace, pod.name, node=pod.node, ips=[pod.ip])
+    if request.param.endswith("kubernetes"):
+        source = ["--kubeconfig", str(fake_kube.write_kubeconfig(tmp_path / "kubeconfig"))]
+    else:
+        inventory = {
+            "pods": [
+                {"namespace": p.namespace, "name": p.name, "node": p.node, "ips": [p.ip]}
+                for p in lab.pods.values()
+            ],
+            "agents": {
+                n.name: f"127.0.0.{i + 2}:{agent_port}"
+                for i, n in enumerate(sorted(lab.nodes.values(), key=lambda n: n.name))
+            },
+        }
+        (tmp_path / "inventory.yaml").write_text(yaml.safe_dump(inventory))
+        source = ["--inventory", str(tmp_path / "inventory.yaml")]
+
+    try:
+        with controller(
+            ["--db", db_url, "--store", store_url, *source, "--agent-port", str(agent_port)],
+            tmp_path / "controller.log",
+            env=env,
+        ) as address:
+            yield Stack(lab, address, db_url, store_url, bucket, env)
+    finally:
+        for process in agents:
+            stop(process)
+
+
+def _aws(env: dict[str, str]) -> dict[str, str]:
+    return {
+        "aws_access_key_id": env["AWS_ACCESS_KEY_ID"],
+        "aws_secret_access_key": env["AWS_SECRET_ACCESS_KEY"],
+        "region_name": env["AWS_DEFAULT_REGION"],
+    }
+
+
+def _tshark(pcap: Path, *fields: str) -> list[list[str]]:
+    argv = ["tshark", "-r", str(pcap), "-T", "fields", "-E", "separator=|"]
+    for field in fields:
+        argv += ["-e", field]
+    out = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=60).stdout
+    return [line.split("|") for line in out.splitlines()]
+
+
+def test_capture_of_one_pod_holds_exactly_its_filtered_traffic(stack: Stack, tmp_path: Path) -> None:
+    lab = stack.lab
+    client, server = lab.pods["client"], lab.pods["server"]
+    lab.http_server(server.netns, HTTP_PORT)
+    lab.http_server(client.netns, HTTP_PORT)
+
+    pcap = tmp_path / "server.pcap"
+    capture = subprocess.Popen(
+        [
+            PODCAP,
+            "capture",
+            "shop/server",
+            "--filter",
+            f"tcp port {HTTP_PORT}",
+            "--duration",
+            "4s",
+            "--download",
+            str(pcap),
+            "-o",
+            "json",
+            "--reason",
+            "e2e",
+        ],
+        env={**os.environ, "PODCAP_SERVER": stack.server},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        progress = _wait_for_line(capture, "RUNNING")
+        # Only now is tcpdump listening: this traffic must all be in the pcap, and nothing else.
+        for path in PROBES:
+            assert lab.http_get(client.netns, f"http://{server.ip}:{HTTP_PORT}{path}", timeout=5) == 404
+        lab.udp_send(client.netns, server.ip, UDP_PORT, b"not-for-the-filter", count=5)
+        # The other pod's traffic on the filtered port never crosses the server pod's veth.
+        assert (
+            lab.http_get(lab.nodes[client.node].netns, f"http://{client.ip}:{HTTP_PORT}/other", timeout=5)
+            == 404
+        )
+        stdout, stderr = capture.communicate(timeout=60)
+    finally:
+        if capture.poll() is None:
+            capture.kill()
+            capture.communicate()
+    assert capture.returncode == 0, progress + stderr
+    shown = json.loads(stdout)
+
+    data = pcap.read_bytes()
+    sha256 = hashlib.sha256(data).hexdigest()
+    assert shown["state"] == "COMPLETED"
+    assert shown["namespace"] == "shop" and shown["pod"] == "server"
+    assert shown["node"] == server.node
+    assert shown["interface"] == server.host_if and server.host_if.startswith("cali")
+    assert shown["filter"] == f"tcp port {HTTP_PORT}"
+    assert shown["sha256"] == sha256
+    assert shown["bytes"] == len(data)
+    assert shown["drops"] == 0
+
+    packets = _tshark(pcap, "ip.src", "ip.dst", "tcp.srcport", "tcp.dstport", "udp.port", "http.request.uri")
+    assert len(packets) == shown["packets"] > 0
+    for src, dst, sport, dport, udp, _ in packets:
+        assert {src, dst} == {client.ip, server.ip}
+        assert HTTP_PORT in (int(sport), int(dport))
+        assert udp == ""
+    assert sorted(uri for *_, uri in packets if uri) == PROBES
+
+    engine = sa.create_engine(stack.db_url)
+    with engine.connect() as conn:
+        row = conn.execute(
+            sa.text(
+                "SELECT c.state, c.filter, t.state AS target_state, t.node, t.interface, t.packets, "
+                "t.kernel_drops, t.bytes, t.object_key, t.sha256 "
+                "FROM captures c JOIN capture_targets t ON t.capture_id = c.id WHERE c.id = :id"
+            ),
+            {"id": shown["id"]},
+        ).one()
+    engine.dispose()
+    assert row.state == row.target_state == "COMPLETED"
+    assert (row.node, row.interface, row.filter) == (server.node, server.host_if, f"tcp port {HTTP_PORT}")
+    assert (row.packets, row.kernel_drops, row.bytes) == (len(packets), 0, len(data))
+    assert row.sha256 == sha256
+    assert row.object_key == shown["object_key"] and shown["id"] in row.object_key
+
+    if stack.s3_bucket is not None:
+        s3 = boto3.client("s3", endpoint_url=stack.s3_env["AWS_ENDPOINT_URL_S3"], **_aws(stack.s3_env))
+        stored = s3.get_object(Bucket=stack.s3_bucket, Key=f"captures/{row.object_key}")["Body"].read()
+    else:
+        stored = (Path(stack.store_url.removeprefix("file://")) / row.object_key).read_bytes()
+    assert stored == data
+
+    # What the engineer sees afterwards: the capture in the list, in detail, and behind a short-lived URL.
+    listed = json.loads(_cli(stack, "list", "-n", "shop", "-o", "json"))
+    assert [c["id"] for c in listed] == [shown["id"]]
+    assert json.loads(_cli(stack, "get", shown["id"], "-o", "json")) == shown
+    url = _cli(stack, "url", shown["id"]).strip()
+    with urllib.request.urlopen(url, timeout=10) as response:
+        assert response.read() == data
+    again = tmp_path / "again.pcap"
+    _cli(stack, "download", shown["id"], "-f", str(again))
+    assert again.read_bytes() == data
+
+
+def test_stop_ends_a_long_capture_early_and_keeps_what_was_captured(stack: Stack, tmp_path: Path) -> None:
+    lab = stack.lab
+    client, server = lab.pods["client"], lab.pods["server"]
+    lab.http_server(server.netns, HTTP_PORT)
+    started = json.loads(
+        _cli(
+            stack,
+            "capture",
+            "shop/server",
+            "--filter",
+            f"tcp port {HTTP_PORT}",
+            "--duration",
+            "10m",
+            "-o",
+            "json",
+        )
+    )
+    assert started["state"] == "RUNNING"
+    assert started["interface"] == server.host_if
+    assert lab.http_get(client.netns, f"http://{server.ip}:{HTTP_PORT}/before-stop", timeout=5) == 404
+    stopped = json.loads(_cli(stack, "stop", started["id"], "--wait", "-o", "json"))
+    assert stopped["state"] == "COMPLETED"
+    pcap = tmp_path / "stopped.pcap"
+    _cli(stack, "download", started["id"], "-f", str(pcap))
+    uris = [uri for (uri,) in _tshark(pcap, "http.request.uri") if uri]
+    assert uris == ["/before-stop"]
+    final = json.loads(_cli(stack, "get", started["id"], "-o", "json"))
+    assert final["state"] == "COMPLETED" and final["sha256"] == hashlib.sha256(pcap.read_bytes()).hexdigest()
+
+
+def test_download_before_completion_is_refused(stack: Stack, tmp_path: Path) -> None:
+    started = json.loads(_cli(stack, "capture", "shop/client", "--duration", "10m", "-o", "json"))
+    result = subprocess.run(
+        [PODCAP, "download", started["id"], "-f", str(tmp_path / "early.pcap")],
+        env={**os.environ, "PODCAP_SERVER": stack.server},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "FAILED_PRECONDITION" in result.stderr and "RUNNING" in result.stderr
+    assert not (tmp_path / "early.pcap").exists() and not (tmp_path / "early.pcap.part").exists()
+    _cli(stack, "stop", started["id"])
+
+
+def _cli(stack: Stack, *args: str) -> str:
+    result = subprocess.run(
+        [PODCAP, *args],
+        env={**os.environ, "PODCAP_SERVER": stack.server},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, f"podcap {' '.join(args)}: {result.stderr}"
+    return result.stdout
+
+
+def _wait_for_line(process: subprocess.Popen[str], word: str, timeout: float = 30.0) -> str:
+    """Reads the CLI's progress (stderr) until a line holds `word`; returns what it read."""
+    assert process.stderr is not None
+    seen: list[str] = []
+    found = threading.Event()
+
+    def read() -> None:
+        assert process.stderr is not None
+        for line in process.stderr:
+            seen.append(line)
+            if word in line:
+                found.set()
+                return
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    if not found.wait(timeout):
+        raise AssertionError(f"the CLI never reported {word}: {''.join(seen)}")
+    reader.join()
+    return "".join(seen)

@@ -1,0 +1,81 @@
+"""The layer rules of DESIGN.md, checked on the source: a violation fails the build, not a code review.
+
+- storage imports neither controller nor agent (nor the CLI);
+- controller and agent never import each other; they share only podcap.api;
+- grpc only in servicer/client/server modules; boto3 only in the S3 store; kubernetes only in the Kubernetes
+  inventory; subprocess calls to tcpdump in one module.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = {
+    "podcap.storage": ROOT / "storage",
+    "podcap.controller": ROOT / "controller",
+    "podcap.agent": ROOT / "capture-agent",
+    "podcap.cli": ROOT / "cli",
+    "podcap.api": ROOT / "proto" / "podcap" / "api",
+}
+FORBIDDEN = {
+    "podcap.storage": ("podcap.controller", "podcap.agent", "podcap.cli"),
+    "podcap.controller": ("podcap.agent", "podcap.cli"),
+    "podcap.agent": ("podcap.controller", "podcap.cli"),
+    "podcap.api": ("podcap.controller", "podcap.agent", "podcap.storage", "podcap.cli"),
+}
+# Third-party modules confined to the named modules (path relative to the repo root).
+CONFINED = {
+    "grpc": {
+        "controller/_servicer.py",
+        "controller/_server.py",
+        "controller/_agents.py",
+        "capture-agent/_servicer.py",
+        "capture-agent/_server.py",
+        "cli/_client.py",
+        "proto/podcap/api/status.py",
+    },
+    "boto3": {"storage/_s3.py"},
+    "botocore": {"storage/_s3.py"},
+    "kubernetes": {"controller/_kube.py"},
+    "subprocess": {"capture-agent/_resolve.py"},
+}
+
+
+def _imports(path: Path, package: str) -> set[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                names.add(package)  # relative: stays inside its own package
+            elif node.module:
+                names.add(node.module)
+    return names
+
+
+def _sources() -> list[tuple[str, Path]]:
+    return [
+        (package, path)
+        for package, folder in PACKAGES.items()
+        for path in sorted(folder.rglob("*.py"))
+        if not path.name.endswith(("_pb2.py", "_pb2_grpc.py"))
+    ]
+
+
+@pytest.mark.parametrize(("package", "path"), _sources(), ids=lambda v: str(v).replace(str(ROOT) + "/", ""))
+def test_module_respects_layers(package: str, path: Path) -> None:
+    imported = _imports(path, package)
+    relative = str(path.relative_to(ROOT))
+    for forbidden in FORBIDDEN.get(package, ()):
+        offending = sorted(n for n in imported if n == forbidden or n.startswith(forbidden + "."))
+        assert not offending, f"{relative} imports {offending}, which the layer rules forbid"
+    for module, allowed in CONFINED.items():
+        uses = sorted(n for n in imported if n == module or n.startswith(module + "."))
+        if uses:
+            assert relative in allowed, f"{relative} imports {uses}; only {sorted(allowed)} may"
