@@ -8,10 +8,10 @@ PROTOS := $(wildcard proto/podcap/api/v1/*.proto)
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q -U pip "setuptools>=77" wheel
-	$(PY) -m pip install -q -e '.[dev]' --config-settings editable_mode=strict
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]' --config-settings editable_mode=strict
 	touch $@
 
 # Regenerates the checked-in gRPC/protobuf code with the pinned grpcio-tools and mypy-protobuf.

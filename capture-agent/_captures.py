@@ -1,81 +1,51 @@
-"""The captures running on this node: each one resolved, captured, uploaded and reported, start to finish.
+"""The captures on this node: each one resolved, captured, uploaded and reported, start to finish, within bounds.
 
-A `CaptureJob` is the agent's record of one capture; the `CaptureManager` starts jobs, stops them on request or at
-shutdown and lets callers watch them change. The pcap is spooled on the node and uploaded once tcpdump has
-exited; a capture is COMPLETED only after the object store confirmed the upload.
+A `CaptureJob` is the agent's record of one capture; the `CaptureManager` starts jobs within the node's limits,
+stops them on request or at shutdown, and lets callers watch them change. The pcap is spooled on the node and
+uploaded while it grows; a capture is COMPLETED only after the object store confirmed the upload. A job's spool
+directory outlives the agent: the next agent start recovers it and finishes the upload.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
 import os
-import pwd
-import shutil
-import stat
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field, replace
+import signal
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-from podcap.storage import ObjectStore
+from podcap.storage import ObjectStore, StoredObject
 
-from ._errors import AgentError, InvalidCaptureRequest, UnknownCapture
+from ._errors import (
+    AgentError,
+    CaptureError,
+    HostNetworkPod,
+    InvalidCaptureRequest,
+    NodeLimitReached,
+    UnknownCapture,
+)
+from ._model import TERMINAL, CaptureSnapshot, CaptureSpec, JobState, Limits
+from ._pcapfile import count_pcap_packets
 from ._resolve import Interface, Resolution, Resolver
+from ._spool import Ended, Spool, SpoolEntry
 from ._tcpdump import Tcpdump, TcpdumpStats, tcpdump_argv
+from ._upload import GrowingFileUploader, RetryPolicy
 
 log = logging.getLogger(__name__)
 
-_SIZE_POLL_S = 0.2
-
-
-class JobState(enum.StrEnum):
-    RUNNING = "RUNNING"
-    UPLOADING = "UPLOADING"
-    COMPLETED = "COMPLETED"
-    FAILED = "FAILED"
-    CANCELLED = "CANCELLED"
-
-
-TERMINAL = frozenset({JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED})
-
-
-@dataclass(frozen=True)
-class CaptureSpec:
-    """What the controller asked for."""
-
-    capture_id: str
-    pod_ips: Sequence[str]
-    filter: str
-    duration_s: float
-    object_key: str
-    max_packets: int = 0
-    max_bytes: int = 0
-    snaplen: int = 0
-
-
-@dataclass(frozen=True)
-class CaptureSnapshot:
-    """A job as it stands, for the API."""
-
-    spec: CaptureSpec
-    state: JobState
-    resolution: Resolution
-    stats: TcpdumpStats = field(default_factory=TcpdumpStats)
-    size: int = 0
-    sha256: str = ""
-    error: str = ""
-    started_at: datetime | None = None
-    ended_at: datetime | None = None
+_POLL_S = 0.2
+_NETNS_CHECK_S = 1.0
 
 
 @dataclass
 class CaptureJob:
     snapshot: CaptureSnapshot
-    tcpdump: Tcpdump
-    spool_file: Path
+    spool: SpoolEntry
+    tcpdump: Tcpdump | None = None
     stop_requested: asyncio.Event = field(default_factory=asyncio.Event)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
@@ -86,15 +56,6 @@ class CaptureJob:
         self.changed = asyncio.Event()
 
 
-@dataclass(frozen=True)
-class Limits:
-    """This node's bounds on what a capture may ask for."""
-
-    max_duration_s: float = 3600.0
-    default_snaplen: int = 262144
-    max_snaplen: int = 262144
-
-
 class CaptureManager:
     """Owns every capture job of this agent."""
 
@@ -102,25 +63,24 @@ class CaptureManager:
         self,
         resolver: Resolver,
         store: ObjectStore,
-        spool_dir: Path,
+        spool: Spool,
         tcpdump: str = "tcpdump",
         tcpdump_user: str = "",
-        limits: Limits = Limits(),
+        limits: Limits | None = None,
+        retry: RetryPolicy | None = None,
     ) -> None:
         self._resolver = resolver
         self._store = store
-        self._spool_dir = spool_dir
+        self._spool = spool
         self._tcpdump = tcpdump
-        self._user = _existing_user(tcpdump_user)
-        self._spool_dir.mkdir(parents=True, exist_ok=True)
-        if self._user:
-            _check_reachable(self._spool_dir, self._user)
-        self._limits = limits
+        self._user = tcpdump_user
+        self._limits = limits or Limits()
+        self._retry = retry or RetryPolicy()
         self._jobs: dict[str, CaptureJob] = {}
-        self._starting: dict[str, asyncio.Lock] = {}
+        self._starting = asyncio.Lock()
 
-    def resolve(self, pod_ips: Sequence[str]) -> Resolution:
-        return self._resolver.resolve(pod_ips)
+    def resolve(self, pod_ips: Sequence[str], pod_interface: str = "") -> Resolution:
+        return self._resolver.resolve(pod_ips, pod_interface=pod_interface)
 
     def interfaces(self) -> list[Interface]:
         return self._resolver.list_interfaces()
@@ -128,95 +88,270 @@ class CaptureManager:
     async def start(self, spec: CaptureSpec) -> CaptureSnapshot:
         """Resolves the pod and starts tcpdump; returns once it listens. Idempotent on the capture id."""
         spec = self._checked(spec)
-        lock = self._starting.setdefault(spec.capture_id, asyncio.Lock())
-        async with lock:
+        async with self._starting:
             if (job := self._jobs.get(spec.capture_id)) is not None:
                 return job.snapshot
-            resolution = await asyncio.to_thread(self._resolver.resolve, spec.pod_ips)
-            spool_file = self._prepare_spool(spec.capture_id)
+            self._check_room()
+            resolution, filter_expr = await asyncio.to_thread(self._resolve_target, spec)
+            entry = self._spool.create(spec.capture_id)
             argv = tcpdump_argv(
-                self._tcpdump, resolution.interface, spool_file, spec.snaplen, spec.filter, self._user
+                self._tcpdump,
+                resolution.interface,
+                entry.pcap,
+                spec.snaplen,
+                filter_expr,
+                self._user,
+                max_packets=spec.max_packets,
             )
-            if spec.max_packets:
-                argv[1:1] = ["-c", str(spec.max_packets)]
             try:
                 tcpdump = await Tcpdump.start(argv)
             except AgentError:
-                shutil.rmtree(spool_file.parent, ignore_errors=True)
+                entry.remove()
                 raise
             snapshot = CaptureSnapshot(
                 spec=spec, state=JobState.RUNNING, resolution=resolution, started_at=datetime.now(UTC)
             )
-            job = CaptureJob(snapshot=snapshot, tcpdump=tcpdump, spool_file=spool_file)
+            entry.record_started(
+                {
+                    "spec": asdict(spec),
+                    "resolution": asdict(resolution),
+                    "started_at": snapshot.started_at,
+                    "tcpdump_pid": tcpdump.pid,
+                    "argv": argv,
+                }
+            )
+            job = CaptureJob(snapshot=snapshot, spool=entry, tcpdump=tcpdump)
             self._jobs[spec.capture_id] = job
             job.task = asyncio.create_task(self._run(job), name=f"capture-{spec.capture_id}")
             log.info("capture %s: tcpdump listening on %s", spec.capture_id, resolution.interface)
             return job.snapshot
 
+    def _resolve_target(self, spec: CaptureSpec) -> tuple[Resolution, str]:
+        """The device to listen on and the filter to give tcpdump (narrowed to the pod for hostNetwork pods)."""
+        try:
+            return self._resolver.resolve(spec.pod_ips, pod_interface=spec.pod_interface), spec.filter
+        except HostNetworkPod as exc:
+            if not spec.host_network:
+                raise
+            host = f"host {exc.ip}"
+            narrowed = f"{host} and ({spec.filter})" if spec.filter.strip() else host
+            resolution = Resolution(
+                interface=exc.interface,
+                ifindex=0,
+                strategy="host-network (node interface, filtered to the pod IP)",
+                netns="",
+                pod_interface=exc.interface,
+                pod_ifindex=0,
+                pod_mac="",
+                pod_ip=exc.ip,
+            )
+            return resolution, narrowed
+
     def _checked(self, spec: CaptureSpec) -> CaptureSpec:
+        limits = self._limits
         if not spec.capture_id or "/" in spec.capture_id or spec.capture_id.startswith("."):
             raise InvalidCaptureRequest("capture_id must be a plain non-empty name")
-        if not 0 < spec.duration_s <= self._limits.max_duration_s:
+        if not 0 < spec.duration_s <= limits.max_duration_s:
             raise InvalidCaptureRequest(
-                f"duration must be above 0 s and at most {self._limits.max_duration_s:g} s on this node"
+                f"duration must be above 0 s and at most {limits.max_duration_s:g} s on this node"
             )
         if spec.max_packets < 0 or spec.max_bytes < 0:
             raise InvalidCaptureRequest("max_packets and max_bytes may not be negative")
-        if not 0 <= spec.snaplen <= self._limits.max_snaplen:
-            raise InvalidCaptureRequest(f"snaplen must be between 0 and {self._limits.max_snaplen}")
+        if not 0 <= spec.snaplen <= limits.max_snaplen:
+            raise InvalidCaptureRequest(f"snaplen must be between 0 and {limits.max_snaplen}")
         if not spec.object_key:
             raise InvalidCaptureRequest("object_key is required")
-        return replace(spec, snaplen=spec.snaplen or self._limits.default_snaplen)
+        return replace(spec, snaplen=spec.snaplen or limits.default_snaplen)
 
-    def _prepare_spool(self, capture_id: str) -> Path:
-        directory = self._spool_dir / capture_id
-        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        if self._user:
-            # tcpdump -Z drops root after opening the device; it must still be able to write its pcap.
-            entry = pwd.getpwnam(self._user)
-            os.chown(directory, entry.pw_uid, entry.pw_gid)
-        return directory / "capture.pcap"
+    def _check_room(self) -> None:
+        """RESOURCE_EXHAUSTED, with the numbers, when this node may not take another capture now."""
+        limits = self._limits
+        running = sum(1 for job in self._jobs.values() if job.snapshot.state == JobState.RUNNING)
+        if running >= limits.max_concurrent:
+            raise NodeLimitReached(
+                f"this node already runs {running} captures (at most {limits.max_concurrent})"
+            )
+        spooled = self._spool.total_bytes()
+        if spooled >= limits.max_spool_bytes:
+            raise NodeLimitReached(
+                f"the spool holds {spooled} bytes not yet uploaded (at most {limits.max_spool_bytes})"
+            )
+        free = self._spool.free_bytes()
+        if free < limits.min_free_bytes:
+            raise NodeLimitReached(
+                f"only {free} bytes free on the spool's disk (captures need at least {limits.min_free_bytes})"
+            )
 
     async def _run(self, job: CaptureJob) -> None:
         spec = job.snapshot.spec
+        writer_done = asyncio.Event()
+        uploader = GrowingFileUploader(
+            self._store, spec.object_key, job.spool.pcap, retry=self._retry, on_retry=self._on_retry(job)
+        )
+        upload: asyncio.Task[StoredObject] = asyncio.create_task(
+            uploader.run(writer_done), name=f"upload-{spec.capture_id}"
+        )
         try:
-            await self._capture_until_done(job)
-            stats = await job.tcpdump.wait()
-            job.update(state=JobState.UPLOADING, stats=stats, ended_at=datetime.now(UTC))
-            stored = await asyncio.to_thread(self._store.upload_file, spec.object_key, job.spool_file)
-            job.update(state=JobState.COMPLETED, size=stored.size, sha256=stored.sha256)
-            shutil.rmtree(job.spool_file.parent, ignore_errors=True)
-            log.info("capture %s: uploaded %d bytes to %s", spec.capture_id, stored.size, spec.object_key)
+            problem = await self._capture_until_done(job)
+            stats, failure = await self._finish_tcpdump(job)
+            failure = problem or failure
+            ended = datetime.now(UTC)
+            job.spool.record_ended(Ended(**asdict(stats), ended_at=ended.isoformat(), error=failure))
+            job.update(state=JobState.UPLOADING, stats=stats, ended_at=ended)
+            writer_done.set()
+            await self._finish_upload(job, upload, failure)
         except asyncio.CancelledError:
-            await job.tcpdump.kill()
-            job.update(state=JobState.CANCELLED, error="the agent shut down", ended_at=datetime.now(UTC))
+            upload.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await upload
+            if job.tcpdump is not None:
+                await job.tcpdump.kill()
             raise
         except Exception as exc:
-            await job.tcpdump.kill()
+            upload.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await upload
+            if job.tcpdump is not None:
+                await job.tcpdump.kill()
             log.exception("capture %s failed", spec.capture_id)
             message = str(exc) if isinstance(exc, AgentError) else f"{type(exc).__name__}: {exc}"
             job.update(
                 state=JobState.FAILED, error=message, ended_at=job.snapshot.ended_at or datetime.now(UTC)
             )
 
-    async def _capture_until_done(self, job: CaptureJob) -> None:
-        """Waits for the duration, an explicit stop, tcpdump's own end (-c) or the byte limit, then stops it."""
+    async def _finish_upload(self, job: CaptureJob, upload: asyncio.Task[StoredObject], failure: str) -> None:
+        """Waits for the confirmed upload; only then is the capture done and its spool freed."""
+        stored = await upload
+        size = stored.size
+        state = JobState.FAILED if failure else JobState.COMPLETED
+        job.update(state=state, size=size, sha256=stored.sha256, error=failure)
+        job.spool.remove()
+        log.info(
+            "capture %s: %s, %d bytes stored at %s",
+            job.snapshot.spec.capture_id,
+            state,
+            size,
+            job.snapshot.spec.object_key,
+        )
+
+    def _on_retry(self, job: CaptureJob) -> Callable[[int, Exception, float], None]:
+        def report(attempt: int, exc: Exception, delay: float) -> None:
+            log.warning(
+                "capture %s: upload attempt %d failed (%s); retrying in %.1fs",
+                job.snapshot.spec.capture_id,
+                attempt,
+                exc,
+                delay,
+            )
+            job.update(error=f"upload attempt {attempt} failed ({exc}); retrying in {delay:.1f}s")
+
+        return report
+
+    async def _capture_until_done(self, job: CaptureJob) -> str:
+        """Waits for the duration, a stop, tcpdump's own end (-c), a byte limit or a vanished pod, then stops
+        tcpdump. Returns why the capture cannot be COMPLETED, or ""."""
+        assert job.tcpdump is not None
         spec = job.snapshot.spec
         loop = asyncio.get_running_loop()
         deadline = loop.time() + spec.duration_s
+        next_netns_check = loop.time() + _NETNS_CHECK_S
         exited = asyncio.create_task(job.tcpdump.exited())
         stopped = asyncio.create_task(job.stop_requested.wait())
+        problem = ""
         try:
             while not (exited.done() or stopped.done()):
-                remaining = deadline - loop.time()
-                if remaining <= 0 or _over(job.spool_file, spec.max_bytes):
+                now = loop.time()
+                if now >= deadline or _over(job.spool.pcap, spec.max_bytes):
                     break
-                timeout = min(remaining, _SIZE_POLL_S) if spec.max_bytes else remaining
-                await asyncio.wait({exited, stopped}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                if self._spool.total_bytes() >= self._limits.max_spool_bytes:
+                    problem = f"the node's spool limit of {self._limits.max_spool_bytes} bytes was reached"
+                    break
+                if job.snapshot.resolution.netns and now >= next_netns_check:
+                    next_netns_check = now + _NETNS_CHECK_S
+                    if not await asyncio.to_thread(self._resolver.netns_alive, job.snapshot.resolution):
+                        problem = "the pod's network namespace vanished during the capture (pod deleted?)"
+                        break
+                await asyncio.wait(
+                    {exited, stopped},
+                    timeout=min(deadline - now, _POLL_S),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
         finally:
             exited.cancel()
             stopped.cancel()
         await job.tcpdump.stop()
+        return problem
+
+    async def _finish_tcpdump(self, job: CaptureJob) -> tuple[TcpdumpStats, str]:
+        """tcpdump's statistics, and why it failed if it did (its pcap so far is kept and uploaded all the same)."""
+        assert job.tcpdump is not None
+        try:
+            return await job.tcpdump.wait(), ""
+        except CaptureError as exc:
+            stats = job.tcpdump.stats()
+            if job.snapshot.resolution.netns and not await asyncio.to_thread(
+                self._resolver.netns_alive, job.snapshot.resolution
+            ):
+                return stats, f"the pod's network namespace vanished during the capture ({exc})"
+            return stats, str(exc)
+
+    async def recover(self) -> None:
+        """Finishes what an earlier agent left in the spool: leftover tcpdumps are ended, pcaps uploaded."""
+        for entry in self._spool.entries():
+            try:
+                record = entry.started()
+            except (FileNotFoundError, ValueError) as exc:
+                log.warning("spool %s has no readable record (%s); removing it", entry.directory, exc)
+                entry.remove()
+                continue
+            spec = CaptureSpec.from_record(record["spec"])
+            resolution = Resolution(**record["resolution"])
+            _end_leftover(record.get("tcpdump_pid"), entry.pcap)
+            ended = entry.ended()
+            if ended is None:
+                try:
+                    packets = await asyncio.to_thread(count_pcap_packets, entry.pcap)
+                except (OSError, ValueError) as exc:
+                    log.warning("capture %s: cannot count the spooled packets: %s", spec.capture_id, exc)
+                    packets = 0
+                ended = Ended(packets, packets, 0, datetime.now(UTC).isoformat())
+                note = (
+                    "the agent stopped during the capture; kernel statistics were lost, the packets were kept"
+                )
+                entry.record_ended(ended)
+                log.warning("capture %s: %s", spec.capture_id, note)
+            stats = TcpdumpStats(ended.packets, ended.packets_received, ended.kernel_drops)
+            snapshot = CaptureSnapshot(
+                spec=spec,
+                state=JobState.UPLOADING,
+                resolution=resolution,
+                stats=stats,
+                started_at=datetime.fromisoformat(record["started_at"]),
+                ended_at=datetime.fromisoformat(ended.ended_at),
+            )
+            job = CaptureJob(snapshot=snapshot, spool=entry)
+            self._jobs[spec.capture_id] = job
+            job.task = asyncio.create_task(
+                self._recover_upload(job, ended.error), name=f"recover-{spec.capture_id}"
+            )
+            log.info("capture %s: recovered from the spool, uploading", spec.capture_id)
+
+    async def _recover_upload(self, job: CaptureJob, failure: str) -> None:
+        spec = job.snapshot.spec
+        done = asyncio.Event()
+        done.set()
+        uploader = GrowingFileUploader(
+            self._store, spec.object_key, job.spool.pcap, retry=self._retry, on_retry=self._on_retry(job)
+        )
+        task = asyncio.create_task(uploader.run(done), name=f"upload-{spec.capture_id}")
+        try:
+            await self._finish_upload(job, task, failure)
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        except Exception as exc:
+            log.exception("capture %s: recovery failed", job.snapshot.spec.capture_id)
+            job.update(state=JobState.FAILED, error=f"recovering the spooled pcap failed: {exc}")
 
     def _job(self, capture_id: str) -> CaptureJob:
         try:
@@ -246,13 +381,21 @@ class CaptureManager:
                 return
             await changed.wait()
 
-    async def shutdown(self) -> None:
-        """Stops every running capture and lets it finish its upload, so nothing captured is lost."""
+    async def shutdown(self, grace_s: float) -> None:
+        """Stops every capture and gives uploads `grace_s` to finish; what is left stays in the spool."""
         for job in self._jobs.values():
             job.stop_requested.set()
-        tasks = [job.task for job in self._jobs.values() if job.task is not None]
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+        tasks = [job.task for job in self._jobs.values() if job.task is not None and not job.task.done()]
+        if not tasks:
+            return
+        _, pending = await asyncio.wait(tasks, timeout=grace_s)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        if pending:
+            log.warning(
+                "%d uploads unfinished at shutdown; the next start uploads them from the spool", len(pending)
+            )
 
 
 def _over(path: Path, max_bytes: int) -> bool:
@@ -263,30 +406,15 @@ def _over(path: Path, max_bytes: int) -> bool:
     return False
 
 
-def _check_reachable(directory: Path, user: str) -> None:
-    """tcpdump drops to `user` before it creates its file: every parent of the spool must be searchable by it."""
-    entry = pwd.getpwnam(user)
-    for path in (directory.resolve(), *directory.resolve().parents):
-        st = path.stat()
-        if st.st_uid == entry.pw_uid:
-            bit = stat.S_IXUSR
-        elif st.st_gid == entry.pw_gid:
-            bit = stat.S_IXGRP
-        else:
-            bit = stat.S_IXOTH
-        if not st.st_mode & bit:
-            raise AgentError(
-                f"tcpdump runs as {user!r} but cannot reach the spool directory {directory}: {path} is not "
-                f"searchable by it (chmod o+x {path}, or choose another --spool-dir)"
-            )
-
-
-def _existing_user(name: str) -> str:
-    if not name:
-        return ""
+def _end_leftover(pid: object, pcap: Path) -> None:
+    """Kills a tcpdump that outlived its agent, but only if that pid still is our tcpdump writing this pcap."""
+    if not isinstance(pid, int) or pid <= 0:
+        return
     try:
-        pwd.getpwnam(name)
-    except KeyError:
-        log.warning("user %r does not exist; tcpdump keeps the agent's privileges", name)
-        return ""
-    return name
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return
+    if str(pcap).encode() in cmdline:
+        log.warning("ending tcpdump %d left behind by an earlier agent", pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)

@@ -6,6 +6,7 @@
     │   └── HostNetworkPod      the pod IP belongs to the node itself (hostNetwork)
     ├── CaptureError            tcpdump could not be started or failed while running
     ├── InvalidCaptureRequest   the request is malformed (bad IP, empty IP list, ...)
+    │   └── UnknownPodInterface the pod has no interface of the requested name
     └── UnknownCapture          no capture with that id on this node
 
 The servicer maps this tree to gRPC status codes in one place, so every class here must mean one thing to a
@@ -26,6 +27,7 @@ __all__ = [
     "PodNotOnNode",
     "ResolveError",
     "UnknownCapture",
+    "UnknownPodInterface",
 ]
 
 
@@ -72,3 +74,21 @@ class InvalidCaptureRequest(AgentError):
 
 class UnknownCapture(AgentError):
     """No capture with that id exists on this node (never started here, or forgotten after an agent restart)."""
+
+
+class NodeLimitReached(AgentError):
+    """The node may not take this capture now (concurrent captures, spool size, free disk); the message has the
+    numbers."""
+
+
+class UnknownPodInterface(InvalidCaptureRequest):
+    """The pod found by its IP has no interface of the requested name; the message lists the ones it has, so the
+    caller can correct the name (Multus pods call theirs ``net1``, ``net2``, ...)."""
+
+    def __init__(self, interface: str, ip: str, available: Sequence[str]) -> None:
+        self.interface = interface
+        self.ip = ip
+        self.available = tuple(available)
+        super().__init__(
+            f"the pod holding {ip} has no interface {interface!r}; it has {', '.join(self.available)}"
+        )

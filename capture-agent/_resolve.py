@@ -2,47 +2,63 @@
 
 This is the step an engineer does by hand with ``nsenter -t PID -n ip addr`` and ``eth0@ifNN``. Doing it from
 kernel state alone keeps the agent working the same under docker, containerd and cri-o and with Calico, flannel,
-Cilium or a bridge CNI: every pod has a network namespace, the pod's IP sits on one interface in it, and that
-interface is one end of a pair whose other end lives in the node's netns.
+Cilium, the AWS VPC CNI or a bridge CNI: every pod has a network namespace, the pod's IP sits on one interface in
+it, and that interface is one end of a pair whose other end lives in the node's netns. A route lookup would not
+do: Cilium routes pod IPs via ``cilium_host`` and a bridge CNI via ``cni0``, neither of which is the pod's device.
 
-Two facts shape the scan:
+A scan:
 
-* ifindexes repeat across namespaces (every pod's ``eth0`` is 2), so the peer index alone can name the wrong
-  device; the host-side device must also say its peer lives in *that* netns (``link_netnsid`` equal to the nsid
-  our netns gave the candidate, see ``_netlink``), and its own peer index must point back at the pod interface.
-* looking inside a namespace costs a subprocess (~3 ms), asking its nsid costs microseconds. Our own links name
-  every netns they point into, so only candidates whose nsid is one of those are opened. That also keeps a node
-  from ever answering for a pod of another node, even when (as in tests) it can see that pod's namespace.
+* lists the node's devices; a pod IP on one of them is a hostNetwork pod;
+* gathers candidate namespaces from the netns dirs and ``/proc/*/ns/net``, each once (by nsfs inode), named
+  ones first so an answer names ``/run/netns/...`` rather than a PID that may be reused;
+* asks the kernel which nsid the node gave each candidate. Only namespaces some node device points into can hold
+  a pod of this node; that also keeps a node from answering for another node's pod it can see (as in tests);
+* reads those namespaces' devices and finds the interface holding the IP. The node device whose peer is that
+  interface *in that nsid*, and which that interface names back as its peer, is the answer. Ifindexes repeat
+  across namespaces (every pod's ``eth0`` is 2), so the index alone could name another pod's device.
 
-The scan is a plain synchronous class: the servicer runs it in a worker thread. Candidate discovery, nsid lookup
-and interface listing are separate steps so a later cache (by nsfs inode) can slot in between them.
+The scan remembers which namespace (inode and the path it was found at) held which IPs. A request for an IP it
+knows reads only that namespace and the node's devices, and makes the same checks as a scan, so a cached answer
+is exactly as fresh as a scanned one; anything that does not check out (namespace gone, path now another
+namespace, IP moved, device recreated) falls back to a full scan, which replaces what was remembered. An IP not
+remembered always means a full scan, so a new pod is never reported missing because of the cache.
+
+The resolver is synchronous and thread-safe (the servicer calls it from worker threads): each call opens its own
+netlink socket and the remembered map is replaced whole, never changed in place.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import json
 import os
 import socket
-import subprocess
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, replace
 
-from podcap.agent._errors import HostNetworkPod, InvalidCaptureRequest, PodNotOnNode, ResolveError
-from podcap.agent._netlink import NsidLookup
+from podcap.agent._errors import (
+    HostNetworkPod,
+    InvalidCaptureRequest,
+    PodNotOnNode,
+    ResolveError,
+    UnknownPodInterface,
+)
+from podcap.agent._netlink import IPAddress, Link, RouteSocket, links_in
 
 __all__ = ["DEFAULT_NETNS_DIRS", "Interface", "Resolution", "Resolver", "list_interfaces"]
 
 # Where runtimes bind-mount named namespaces: iproute2 and CNI plugins (/run/netns, /var/run/netns), dockerd.
 DEFAULT_NETNS_DIRS = ("/run/netns", "/var/run/netns", "/var/run/docker/netns")
-# The calling thread's netns: the agent's own, and the one our netlink socket and `ip` children live in.
+# The calling thread's netns: the agent's own, and the one our netlink sockets live in.
 _OWN_NETNS = "/proc/thread-self/ns/net"
 # Device kinds that come in pairs, where `link_index` is the other end rather than a parent device.
 _PAIRED_KINDS = frozenset({"veth", "netkit"})
-_IP_TIMEOUT_S = 5.0
+_SCANNED = "netns-scan"
+_CACHED = "netns-scan (cached)"
+# Namespaces held open at once while read; bounds the agent's fds on nodes with many pods.
+_BATCH = 64
+_IFNAMSIZ = 16
 
-_IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+_NetnsKey = tuple[int, int]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -51,7 +67,7 @@ class Resolution:
 
     interface: str
     ifindex: int
-    strategy: str = "netns-scan"
+    strategy: str = _SCANNED
     netns: str
     pod_interface: str
     pod_ifindex: int
@@ -63,8 +79,7 @@ class Resolution:
 class Interface:
     """A device of the agent's netns; mirrors ``podcap.api.v1.Interface``.
 
-    ``kind`` is the rtnetlink kind (veth, bridge, ...) or, for devices without one, the link type (loopback,
-    ether). ``addresses`` are CIDR strings. ``peer_ifindex`` is the other end's index in its own netns for paired
+    ``addresses`` are CIDR strings. ``peer_ifindex`` is the other end's index in its own netns for paired
     devices (veth, netkit), None otherwise.
     """
 
@@ -77,35 +92,28 @@ class Interface:
 
 
 @dataclass(frozen=True)
-class _Link:
-    """One row of ``ip -j -d addr show``, reduced to what resolution needs."""
+class _Candidate:
+    """A namespace as found: where, and which namespace that path named then."""
 
-    name: str
-    ifindex: int
-    kind: str
-    mac: str
-    addresses: tuple[tuple[_IPAddress, int], ...]
-    link_index: int | None
-    link_netnsid: int | None
-
-    def public(self) -> Interface:
-        return Interface(
-            name=self.name,
-            ifindex=self.ifindex,
-            kind=self.kind,
-            mac=self.mac,
-            addresses=tuple(f"{ip}/{plen}" for ip, plen in self.addresses),
-            peer_ifindex=self.link_index if self.kind in _PAIRED_KINDS else None,
-        )
+    path: str
+    key: _NetnsKey
 
 
-class _NetnsGone(Exception):
-    """The candidate namespace disappeared between discovery and inspection (its pod was deleted)."""
+@dataclass(frozen=True)
+class _PodNetns:
+    candidate: _Candidate
+    nsid: int  # the id the node gave this namespace, as its devices' link_netnsid says
+    links: list[Link]
 
 
 def list_interfaces() -> list[Interface]:
     """The devices of the calling thread's netns, with addresses and veth peer indexes."""
-    return [link.public() for link in _ip_links(None)]
+    try:
+        with RouteSocket() as rtnl:
+            links = rtnl.links()
+    except OSError as exc:
+        raise ResolveError(f"cannot list this node's interfaces: {exc}") from exc
+    return [_public(link) for link in links]
 
 
 class Resolver:
@@ -125,53 +133,109 @@ class Resolver:
         self._node = node_name or socket.gethostname()
         self._proc_root = proc_root
         self._netns_dirs = tuple(netns_dirs)
+        self._seen: dict[IPAddress, _Candidate] = {}  # pod IP -> its namespace at the last full scan
 
-    def resolve(self, ips: Sequence[str]) -> Resolution:
+    def resolve(self, ips: Sequence[str], pod_interface: str = "") -> Resolution:
         """The device on this node carrying the pod that holds any of ``ips`` (v4 or v6).
 
-        Raises InvalidCaptureRequest for a malformed list, HostNetworkPod when an IP is the node's own,
-        PodNotOnNode when no namespace linked to this node holds one, ResolveError when it is held but not
-        behind a device pair with this node (ipvlan/macvlan pods) or when the scan itself fails.
+        With ``pod_interface`` (Multus pods: ``net1``, ...), the pod is still found by its IPs but the answer is
+        the node-side peer of that interface of the pod.
+
+        Raises InvalidCaptureRequest for a malformed request, UnknownPodInterface when the pod has no
+        ``pod_interface``, HostNetworkPod when an IP is the node's own, PodNotOnNode when no namespace linked to
+        this node holds one, ResolveError when the interface is not paired with a node device (ipvlan/macvlan
+        pods) or when reading kernel state fails.
         """
         wanted = _parse_ips(ips)
-        own = _ip_links(None)
-        for link in own:
-            for addr, _ in link.addresses:
-                if addr in wanted:
-                    raise HostNetworkPod(self._node, wanted[addr], link.name)
-        # (nsid of the peer's netns, our ifindex) -> our link, for every device whose other end is elsewhere.
-        peers = {
-            (link.link_netnsid, link.ifindex): link
-            for link in own
-            if link.link_netnsid is not None and link.link_index is not None
-        }
-        peer_nsids = {nsid for nsid, _ in peers}
-        with NsidLookup() as lookup:
-            for path in self._candidates():
+        _check_interface_name(pod_interface)
+        try:
+            with RouteSocket() as rtnl:
+                own = {link.ifindex: link for link in rtnl.links()}
+                self._refuse_host_network(own, wanted)
+                remembered = self._seen
+                hinted = list(dict.fromkeys(remembered[ip] for ip in wanted if ip in remembered))
+                if hinted:
+                    found = _first_match(self._read(rtnl, own, hinted), wanted, own, pod_interface)
+                    if found is not None:
+                        return replace(found, strategy=_CACHED)
+                scanned = self._read(rtnl, own, self._candidates())
+        except OSError as exc:
+            raise ResolveError(f"cannot read network namespaces on node {self._node}: {exc}") from exc
+        self._seen = _remember(scanned)
+        found = _first_match(scanned, wanted, own, pod_interface)
+        if found is None:
+            raise PodNotOnNode(self._node, list(wanted.values()))
+        return found
+
+    def netns_alive(self, resolution: Resolution) -> bool:
+        """Whether the pod behind ``resolution`` still exists: its namespace is at ``resolution.netns`` and the
+        node device is still paired with the same interface in it. Cheap (two netlink requests, no scan), for
+        polling during a capture: a deleted pod's namespace disappears and takes its veth pair with it.
+        """
+        try:
+            fd = os.open(resolution.netns, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return False  # the name was removed or the process holding it exited
+        try:
+            with RouteSocket() as rtnl:
                 try:
-                    nsid = lookup.nsid_of(path)
+                    nsid = rtnl.nsid_of_fd(fd)
                 except OSError:
-                    continue  # gone, or a stale file in a netns dir that is not a namespace
-                if nsid is None or nsid not in peer_nsids:
-                    continue
-                try:
-                    pod_links = _ip_links(path)
-                except _NetnsGone:
-                    continue
-                found = _match(pod_links, wanted, nsid, peers, path)
-                if found is not None:
-                    return found
-        raise PodNotOnNode(self._node, list(wanted.values()))
+                    return False  # the path names something that is no network namespace any more
+                host = rtnl.link(resolution.ifindex)
+        except OSError as exc:
+            raise ResolveError(f"cannot check the network namespace {resolution.netns}: {exc}") from exc
+        finally:
+            os.close(fd)
+        return (
+            nsid is not None
+            and host is not None
+            and host.link_netnsid == nsid
+            and host.link_index == resolution.pod_ifindex
+        )
 
     def list_interfaces(self) -> list[Interface]:
         """The devices of this node's netns (the calling thread's), as ``list_interfaces()``."""
         return list_interfaces()
 
-    def _candidates(self) -> Iterator[str]:
-        """Paths of every network namespace visible here, each namespace once, our own skipped.
+    def _refuse_host_network(self, own: dict[int, Link], wanted: dict[IPAddress, str]) -> None:
+        for link in own.values():
+            for addr, _ in link.addresses:
+                if addr in wanted:
+                    raise HostNetworkPod(self._node, wanted[addr], link.name)
 
-        Named namespaces come first so a result names ``/run/netns/...`` rather than a PID that may be reused.
-        """
+    def _read(
+        self, rtnl: RouteSocket, own: dict[int, Link], candidates: Iterable[_Candidate]
+    ) -> list[_PodNetns]:
+        """The devices of every candidate some node device points into, each read while its file is held open
+        (an open namespace stays alive, so its nsid cannot be handed to another namespace meanwhile)."""
+        peer_nsids = {link.link_netnsid for link in own.values() if link.link_netnsid is not None}
+        out: list[_PodNetns] = []
+        batch: list[tuple[_Candidate, int, int]] = []  # candidate, open fd, nsid
+        try:
+            for candidate in candidates:
+                fd = _open(candidate)
+                if fd is None:
+                    continue
+                keep = False
+                try:
+                    nsid = _nsid(rtnl, fd)
+                    if nsid is not None and nsid in peer_nsids:
+                        batch.append((candidate, fd, nsid))
+                        keep = True
+                finally:
+                    if not keep:
+                        os.close(fd)
+                if len(batch) == _BATCH:
+                    out += _read_batch(batch)
+            out += _read_batch(batch)
+        finally:
+            for _, fd, _ in batch:
+                os.close(fd)
+        return out
+
+    def _candidates(self) -> Iterator[_Candidate]:
+        """Every network namespace visible here, each once, our own skipped."""
         seen = {_netns_key(_OWN_NETNS)}
         for path in self._paths():
             try:
@@ -180,7 +244,7 @@ class Resolver:
                 continue  # the process exited or the mount went away mid-scan
             if key not in seen:
                 seen.add(key)
-                yield path
+                yield _Candidate(path, key)
 
     def _paths(self) -> Iterator[str]:
         for directory in self._netns_dirs:
@@ -196,42 +260,98 @@ class Resolver:
         yield from (os.path.join(self._proc_root, str(pid), "ns", "net") for pid in pids)
 
 
-def _match(
-    pod_links: list[_Link],
-    wanted: dict[_IPAddress, str],
-    nsid: int,
-    peers: dict[tuple[int, int], _Link],
-    path: str,
+def _read_batch(batch: list[tuple[_Candidate, int, int]]) -> list[_PodNetns]:
+    """Read the batch's namespaces, close their files and empty the batch."""
+    try:
+        contents = links_in([fd for _, fd, _ in batch])
+        return [_PodNetns(c, nsid, links) for (c, _, nsid), links in zip(batch, contents, strict=True)]
+    finally:
+        for _, fd, _ in batch:
+            os.close(fd)
+        batch.clear()
+
+
+def _first_match(
+    pods: list[_PodNetns], wanted: dict[IPAddress, str], own: dict[int, Link], pod_interface: str
 ) -> Resolution | None:
-    for pod_link in pod_links:
-        hit = next((wanted[addr] for addr, _ in pod_link.addresses if addr in wanted), None)
-        if hit is None:
-            continue
-        host = peers.get((nsid, pod_link.link_index)) if pod_link.link_index is not None else None
-        if host is None or host.link_index != pod_link.ifindex:
-            raise ResolveError(
-                f"pod IP {hit} is on {pod_link.name} ({pod_link.kind}) in {path}, which is not paired with a "
-                "device of this node's netns: no host-side device carries only this pod's traffic"
-            )
-        return Resolution(
-            interface=host.name,
-            ifindex=host.ifindex,
-            netns=path,
-            pod_interface=pod_link.name,
-            pod_ifindex=pod_link.ifindex,
-            pod_mac=pod_link.mac,
-            pod_ip=hit,
-        )
+    for pod in pods:
+        found = _match(pod, wanted, own, pod_interface)
+        if found is not None:
+            return found
     return None
 
 
-def _parse_ips(ips: Sequence[str]) -> dict[_IPAddress, str]:
+def _match(
+    pod: _PodNetns, wanted: dict[IPAddress, str], own: dict[int, Link], pod_interface: str
+) -> Resolution | None:
+    holder, hit = next(
+        ((link, wanted[addr]) for link in pod.links for addr, _ in link.addresses if addr in wanted),
+        (None, ""),
+    )
+    if holder is None:
+        return None
+    target = holder
+    if pod_interface:
+        named = next((link for link in pod.links if link.name == pod_interface), None)
+        if named is None:
+            raise UnknownPodInterface(pod_interface, hit, [link.name for link in pod.links])
+        target = named
+    host = own.get(target.link_index) if target.link_index is not None else None
+    if host is None or host.link_netnsid != pod.nsid or host.link_index != target.ifindex:
+        where = f"pod IP {hit} is on" if target is holder else f"the pod holding {hit} has"
+        raise ResolveError(
+            f"{where} {target.name} ({target.kind}) in {pod.candidate.path}, which is not paired with a "
+            "device of this node's netns: no host-side device carries only this pod's traffic"
+        )
+    return Resolution(
+        interface=host.name,
+        ifindex=host.ifindex,
+        netns=pod.candidate.path,
+        pod_interface=target.name,
+        pod_ifindex=target.ifindex,
+        pod_mac=target.mac,
+        pod_ip=hit,
+    )
+
+
+def _remember(pods: list[_PodNetns]) -> dict[IPAddress, _Candidate]:
+    """Pod IP -> namespace, the first holder winning as in a scan; loopback and link-local are in every pod."""
+    seen: dict[IPAddress, _Candidate] = {}
+    for pod in pods:
+        for link in pod.links:
+            for addr, _ in link.addresses:
+                if not (addr.is_loopback or addr.is_link_local):
+                    seen.setdefault(addr, pod.candidate)
+    return seen
+
+
+def _open(candidate: _Candidate) -> int | None:
+    """An fd on the candidate's namespace, or None when the path is gone or names another namespace now."""
+    try:
+        fd = os.open(candidate.path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    st = os.fstat(fd)
+    if (st.st_dev, st.st_ino) != candidate.key:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _nsid(rtnl: RouteSocket, fd: int) -> int | None:
+    try:
+        return rtnl.nsid_of_fd(fd)
+    except OSError:
+        return None  # not a network namespace: a stray file in a netns dir
+
+
+def _parse_ips(ips: Sequence[str]) -> dict[IPAddress, str]:
     """Parsed IP -> the caller's spelling, so v6 compares by value and messages quote what was asked."""
     if isinstance(ips, str):
         raise InvalidCaptureRequest("pod IPs must be a list of addresses, not one string")
     if not ips:
         raise InvalidCaptureRequest("no pod IP given")
-    parsed: dict[_IPAddress, str] = {}
+    parsed: dict[IPAddress, str] = {}
     for ip in ips:
         try:
             parsed[ipaddress.ip_address(ip)] = ip
@@ -240,48 +360,26 @@ def _parse_ips(ips: Sequence[str]) -> dict[_IPAddress, str]:
     return parsed
 
 
-def _netns_key(path: str) -> tuple[int, int]:
+def _check_interface_name(name: str) -> None:
+    """The kernel's rules for a device name (dev_valid_name), so a typo is refused before any scan."""
+    if name and (
+        len(name) >= _IFNAMSIZ or name in {".", ".."} or any(c in "/:" or c.isspace() for c in name)
+    ):
+        raise InvalidCaptureRequest(f"not a network interface name: {name!r}")
+
+
+def _netns_key(path: str) -> _NetnsKey:
     """Identity of a namespace: the nsfs inode behind a path (``stat`` follows /proc's magic links)."""
     st = os.stat(path)
     return st.st_dev, st.st_ino
 
 
-def _ip_links(netns_path: str | None) -> list[_Link]:
-    """``ip -j -d addr show`` in our netns (None) or, through nsenter, in the namespace at ``netns_path``."""
-    argv = ["ip", "-j", "-d", "addr", "show"]
-    if netns_path is not None:
-        argv = ["nsenter", f"--net={netns_path}", *argv]
-    try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=_IP_TIMEOUT_S, check=False)
-    except FileNotFoundError as exc:
-        raise ResolveError(f"cannot list interfaces: {argv[0]} is not installed") from exc
-    except subprocess.TimeoutExpired as exc:
-        raise ResolveError(f"listing interfaces timed out after {_IP_TIMEOUT_S}s: {' '.join(argv)}") from exc
-    if done.returncode != 0:
-        if netns_path is not None:
-            raise _NetnsGone(netns_path)
-        raise ResolveError(f"listing interfaces failed: {done.stderr.strip()}")
-    try:
-        return [_parse_link(row) for row in json.loads(done.stdout or "[]")]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ResolveError(f"unexpected output from {' '.join(argv)}") from exc
-
-
-def _parse_link(row: dict[str, Any]) -> _Link:
-    linkinfo = row.get("linkinfo") or {}
-    addresses = tuple(
-        (ipaddress.ip_address(info["local"]), int(info.get("prefixlen", 0)))
-        for info in row.get("addr_info", [])
-        if "local" in info
-    )
-    link_index = row.get("link_index")
-    link_netnsid = row.get("link_netnsid")
-    return _Link(
-        name=str(row["ifname"]),
-        ifindex=int(row["ifindex"]),
-        kind=str(linkinfo.get("info_kind") or row.get("link_type", "")),
-        mac=str(row.get("address", "")),
-        addresses=addresses,
-        link_index=int(link_index) if link_index is not None else None,
-        link_netnsid=int(link_netnsid) if link_netnsid is not None else None,
+def _public(link: Link) -> Interface:
+    return Interface(
+        name=link.name,
+        ifindex=link.ifindex,
+        kind=link.kind,
+        mac=link.mac,
+        addresses=tuple(f"{ip}/{plen}" for ip, plen in link.addresses),
+        peer_ifindex=link.link_index if link.kind in _PAIRED_KINDS else None,
     )

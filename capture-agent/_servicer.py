@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Any
@@ -12,15 +13,17 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from podcap.api.status import ErrorTable, maps_errors, maps_stream_errors
 from podcap.api.v1 import agent_pb2, agent_pb2_grpc, common_pb2
 
-from ._captures import CaptureManager, CaptureSnapshot, CaptureSpec, JobState
+from ._captures import CaptureManager
 from ._errors import (
     AgentError,
     CaptureError,
     HostNetworkPod,
     InvalidCaptureRequest,
+    NodeLimitReached,
     PodNotOnNode,
     UnknownCapture,
 )
+from ._model import CaptureSnapshot, CaptureSpec, JobState
 from ._resolve import Interface, Resolution
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -30,6 +33,7 @@ ERRORS: ErrorTable = {
     UnknownCapture: grpc.StatusCode.NOT_FOUND,
     PodNotOnNode: grpc.StatusCode.NOT_FOUND,
     HostNetworkPod: grpc.StatusCode.FAILED_PRECONDITION,
+    NodeLimitReached: grpc.StatusCode.RESOURCE_EXHAUSTED,
     CaptureError: grpc.StatusCode.INTERNAL,
     AgentError: grpc.StatusCode.INTERNAL,
 }
@@ -61,6 +65,8 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             max_packets=request.limits.max_packets,
             max_bytes=request.limits.max_bytes,
             snaplen=request.limits.snaplen,
+            pod_interface=request.pod_interface,
+            host_network=request.host_network,
         )
         if not spec.pod_ips:
             raise InvalidCaptureRequest("pod.ips is empty: the agent finds the pod by its IP")
@@ -95,7 +101,9 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     async def ResolvePod(
         self, request: agent_pb2.ResolvePodRequest, context: Context
     ) -> agent_pb2.Resolution:
-        return _resolution(self._captures.resolve(tuple(request.pod.ips)))
+        return _resolution(
+            await asyncio.to_thread(self._captures.resolve, tuple(request.pod.ips), request.pod_interface)
+        )
 
     @maps_errors(ERRORS)
     async def ListInterfaces(

@@ -26,6 +26,7 @@ _LISTENING = b"listening on "
 _START_TIMEOUT_S = 10.0
 _STOP_TIMEOUT_S = 10.0
 _STDERR_KEEP = 64 * 1024
+_CAPS = "+net_raw,+net_admin"
 
 
 @dataclass(frozen=True)
@@ -44,27 +45,39 @@ def parse_stats(stderr: bytes) -> TcpdumpStats:
 
 
 def tcpdump_argv(
-    tcpdump: str, interface: str, spool_file: Path, snaplen: int, filter_expr: str, user: str
+    tcpdump: str,
+    interface: str,
+    spool_file: Path,
+    snaplen: int,
+    filter_expr: str,
+    user: str,
+    max_packets: int = 0,
 ) -> list[str]:
-    """The exact command line; the filter is one argument, last, after `--`."""
+    """The exact command line: tcpdump under setpriv, the filter one argument, last, after `--`.
+
+    setpriv starts tcpdump as `user` (when given) with only CAP_NET_RAW and CAP_NET_ADMIN, so it is never root,
+    and with a parent-death signal, so it flushes and exits if the agent dies, even by SIGKILL. (tcpdump's own
+    `-Z` would drop root only after starting as root, and a credential change clears the parent-death signal.)
+    """
     if any(token.startswith("-") for token in filter_expr.split()):
         raise InvalidCaptureRequest("a filter token may not start with '-'")
     if "\x00" in filter_expr:
         raise InvalidCaptureRequest("the filter contains a NUL character")
-    argv = [
-        tcpdump,
-        "-i",
-        interface,
-        "-w",
-        str(spool_file),
-        "-U",
-        "--immediate-mode",
-        "-n",
-        "-s",
-        str(snaplen),
-    ]
+    argv = ["setpriv", "--pdeathsig=INT"]
     if user:
-        argv += ["-Z", user]
+        argv += [
+            f"--reuid={user}",
+            f"--regid={user}",
+            "--clear-groups",
+            f"--inh-caps=-all,{_CAPS}",
+            f"--ambient-caps=-all,{_CAPS}",
+            f"--bounding-set=-all,{_CAPS}",
+            "--no-new-privs",
+        ]
+    argv += ["--", tcpdump, "-i", interface, "-w", str(spool_file), "-U", "--immediate-mode", "-n"]
+    argv += ["-s", str(snaplen)]
+    if max_packets:
+        argv += ["-c", str(max_packets)]
     argv.append("--")
     if filter_expr.strip():
         argv.append(filter_expr)
@@ -124,6 +137,14 @@ class Tcpdump:
                     self._listening.set()
         finally:
             self._stderr_done.set()
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
+    def stats(self) -> TcpdumpStats:
+        """The statistics tcpdump printed so far (all of them once it has exited)."""
+        return parse_stats(bytes(self._stderr))
 
     def stderr_text(self) -> str:
         return self._stderr.decode("utf-8", "replace")

@@ -55,6 +55,8 @@ class Connection:
         snaplen: int,
         reason: str,
         request_id: str,
+        pod_interface: str = "",
+        host_network: bool = False,
     ) -> capture_pb2.Capture:
         proto_duration = Duration()
         proto_duration.FromTimedelta(duration)
@@ -66,6 +68,8 @@ class Connection:
             limits=common_pb2.CaptureLimits(max_packets=max_packets, max_bytes=max_bytes, snaplen=snaplen),
             reason=reason,
             request_id=request_id,
+            pod_interface=pod_interface,
+            host_network=host_network,
         )
         try:
             return await self._stub.CreateCapture(request, timeout=_CALL_TIMEOUT_S)

@@ -69,6 +69,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--snaplen", type=int, default=0, help="bytes kept per packet (default: whole packets)")
     p.add_argument("--reason", default="", help="why, for the audit trail (a ticket number, say)")
     p.add_argument("--request-id", default="", help="makes a retried command return the same capture")
+    p.add_argument(
+        "--interface", default="", help="pod-side interface (e.g. a Multus net1); default: the pod IP's"
+    )
+    p.add_argument(
+        "--host-network",
+        action="store_true",
+        help="for a hostNetwork pod: capture on the node interface holding its IP, filtered to that address",
+    )
     p.add_argument("--wait", action="store_true", help="wait until the capture has ended, showing progress")
     p.add_argument("--download", type=Path, metavar="PATH", help="wait, then save the pcap to PATH")
 
@@ -113,6 +121,20 @@ def _parser() -> argparse.ArgumentParser:
         "--tcpdump-user", default="tcpdump", help="user tcpdump drops to after opening the device (-Z)"
     )
     p.add_argument("--max-duration", type=parse_duration, default=timedelta(hours=1))
+    p.add_argument("--max-concurrent", type=int, default=8, help="captures running at once on this node")
+    p.add_argument(
+        "--max-spool-bytes", type=int, default=8 << 30, help="pcap bytes spooled and not yet uploaded"
+    )
+    p.add_argument(
+        "--min-free-bytes", type=int, default=1 << 30, help="refuse captures below this much free disk"
+    )
+    p.add_argument("--max-snaplen", type=int, default=262144)
+    p.add_argument(
+        "--shutdown-grace",
+        type=parse_duration,
+        default=timedelta(seconds=20),
+        help="how long uploads may run on SIGTERM before the spool keeps them for the next start",
+    )
     return parser
 
 
@@ -151,6 +173,8 @@ async def _client_command(args: argparse.Namespace) -> int:
                 snaplen=args.snaplen,
                 reason=args.reason,
                 request_id=args.request_id,
+                pod_interface=args.interface,
+                host_network=args.host_network,
             )
             if args.wait or args.download:
                 capture = await conn.wait(capture.id, progress=True)
@@ -206,7 +230,15 @@ def _run_agent(args: argparse.Namespace) -> int:
         spool_dir=args.spool_dir,
         tcpdump=args.tcpdump,
         tcpdump_user=args.tcpdump_user,
-        limits=Limits(max_duration_s=args.max_duration.total_seconds()),
+        limits=Limits(
+            max_duration_s=args.max_duration.total_seconds(),
+            max_snaplen=args.max_snaplen,
+            default_snaplen=args.max_snaplen,
+            max_concurrent=args.max_concurrent,
+            max_spool_bytes=args.max_spool_bytes,
+            min_free_bytes=args.min_free_bytes,
+            shutdown_grace_s=args.shutdown_grace.total_seconds(),
+        ),
     )
     asyncio.run(serve(settings))
     return 0

@@ -63,6 +63,8 @@ class AgentClients:
         duration: timedelta,
         limits: common_pb2.CaptureLimits,
         object_key: str,
+        pod_interface: str = "",
+        host_network: bool = False,
     ) -> AgentCapture:
         request = agent_pb2.StartCaptureRequest(
             capture_id=capture_id,
@@ -71,6 +73,8 @@ class AgentClients:
             duration=Duration(seconds=int(duration.total_seconds()), nanos=duration.microseconds * 1000),
             limits=limits,
             object_key=object_key,
+            pod_interface=pod_interface,
+            host_network=host_network,
         )
         try:
             return await self._stub(address).StartCapture(request, timeout=self._call_timeout)

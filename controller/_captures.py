@@ -128,7 +128,7 @@ class Captures:
             if existing is not None:
                 return _same_request(existing, request)
         pod = await asyncio.to_thread(self._inventory.get_pod, request.namespace, request.pod)
-        _check_capturable(pod)
+        _check_capturable(pod, request)
         address = await asyncio.to_thread(self._inventory.agent_address, pod.node)
         row = _new_row(request, requester, pod, address)
         await self._tx(lambda repo: repo.add(row))
@@ -144,6 +144,8 @@ class Captures:
                     max_packets=request.max_packets, max_bytes=request.max_bytes, snaplen=request.snaplen
                 ),
                 target.object_key,
+                pod_interface=request.pod_interface,
+                host_network=pod.host_network,
             )
         except ControllerError as exc:
             await self._record_failure(row.id, target.index, str(exc))
@@ -193,26 +195,30 @@ class Captures:
                 await self._agents.stop(target.agent_address, _agent_capture_id(row.id, target.index))
         return await self.get(capture_id)
 
-    async def _completed_target(self, capture_id: str, index: int) -> tuple[CaptureRow, TargetRow]:
+    async def _stored_target(self, capture_id: str, index: int) -> tuple[CaptureRow, TargetRow]:
         row = await self.get(capture_id)
         if not 0 <= index < len(row.targets):
             raise InvalidRequest(f"capture {capture_id} has no target {index} (it has {len(row.targets)})")
         target = row.targets[index]
-        if target.state != CaptureState.COMPLETED:
+        # A FAILED target may still have stored what it captured before it failed (its pod vanished, say).
+        stored = target.state == CaptureState.COMPLETED or (
+            target.state == CaptureState.FAILED and target.sha256
+        )
+        if not stored:
             raise WrongState(
                 f"capture {capture_id} is {target.state.value}; its pcap can be downloaded once COMPLETED"
             )
         return row, target
 
     async def download_url(self, capture_id: str, index: int) -> Download:
-        row, target = await self._completed_target(capture_id, index)
+        row, target = await self._stored_target(capture_id, index)
         ttl = self._settings.download_url_ttl
         filename = pcap_filename(target, row.created_at)
         url = await asyncio.to_thread(self._store.presign_get, target.object_key, ttl, filename)
         return Download(url=url, expires_at=datetime.now(UTC) + ttl, filename=filename)
 
     async def download(self, capture_id: str, index: int) -> AsyncIterator[bytes]:
-        _, target = await self._completed_target(capture_id, index)
+        _, target = await self._stored_target(capture_id, index)
         chunks: Iterator[bytes] = await asyncio.to_thread(self._store.iter_bytes, target.object_key)
         try:
             while (chunk := await asyncio.to_thread(next, chunks, b"")) != b"":
@@ -323,12 +329,16 @@ def _roll_up(row: CaptureRow, now: datetime) -> None:
         row.error = "; ".join(f"{t.namespace}/{t.pod}: {t.error}" for t in row.targets if t.error)
 
 
-def _check_capturable(pod: Pod) -> None:
+def _check_capturable(pod: Pod, request: CaptureRequest) -> None:
     name = f"{pod.namespace}/{pod.name}"
     if pod.phase != "Running":
         raise WrongState(f"pod {name} is {pod.phase or 'not running'}; only a Running pod can be captured")
-    if pod.host_network:
-        raise WrongState(f"pod {name} uses hostNetwork: it has no veth of its own to capture on")
+    if pod.host_network and not request.host_network:
+        raise WrongState(
+            f"pod {name} uses hostNetwork: it has no veth of its own to capture on. Ask again with host_network "
+            "(CLI: --host-network) to capture on the node interface holding its IP, filtered to that address; "
+            "that sees the node's traffic to and from that address, not only this pod's"
+        )
     if not pod.ips:
         raise WrongState(f"pod {name} has no IP address yet")
     if not pod.node:
@@ -351,6 +361,8 @@ def _new_row(request: CaptureRequest, requester: str, pod: Pod, agent_address: s
         max_packets=request.max_packets,
         max_bytes=request.max_bytes,
         snaplen=request.snaplen,
+        pod_interface=request.pod_interface,
+        host_network=request.host_network,
         state=CaptureState.PENDING,
         error="",
         created_at=now,
@@ -379,6 +391,9 @@ def _same_request(existing: CaptureRow, request: CaptureRequest) -> CaptureRow:
         and existing.pod == request.pod
         and existing.filter == request.filter
         and existing.duration_ms == int(request.duration.total_seconds() * 1000)
+        and (existing.max_packets, existing.max_bytes, existing.snaplen)
+        == (request.max_packets, request.max_bytes, request.snaplen)
+        and (existing.pod_interface, existing.host_network) == (request.pod_interface, request.host_network)
     )
     if not same:
         raise InvalidRequest(f"request_id {request.request_id!r} was already used for a different capture")

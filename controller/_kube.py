@@ -180,7 +180,9 @@ def _status_message(error: ApiException) -> str:
 
 def _to_pod(pod: Any) -> Pod:
     metadata, spec, status = pod.metadata, pod.spec, pod.status
-    ips = tuple(str(entry.ip) for entry in (status and status.pod_i_ps) or () if entry.ip)
+    # The generated model names this field pod_i_ps in some client releases and pod_ips in others.
+    entries = (getattr(status, "pod_ips", None) or getattr(status, "pod_i_ps", None)) if status else None
+    ips = tuple(str(entry.ip) for entry in entries or () if entry.ip)
     if not ips and status and status.pod_ip:
         ips = (str(status.pod_ip),)
     return Pod(

@@ -78,6 +78,8 @@ class CaptureServicer(capture_pb2_grpc.CaptureServiceServicer):
                 snaplen=request.limits.snaplen,
                 request_id=request.request_id,
                 reason=request.reason,
+                pod_interface=request.pod_interface,
+                host_network=request.host_network,
             ),
             requester=ANONYMOUS,
         )

@@ -14,6 +14,7 @@ from ._bpf import FilterError, check_filter
 from ._errors import InvalidRequest
 
 _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_INTERFACE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,14}$")
 _MAX_FILTER = 4096
 _MAX_REASON = 1024
 _MAX_REQUEST_ID = 128
@@ -41,6 +42,8 @@ class CaptureRequest:
     request_id: str = ""
     reason: str = ""
     label_selector: str = ""
+    pod_interface: str = ""
+    host_network: bool = False
 
 
 def check_label(kind: str, value: str) -> None:
@@ -100,5 +103,7 @@ def validate(request: CaptureRequest, caps: CaptureLimitsCaps) -> CaptureRequest
         raise InvalidRequest(f"request_id is longer than {_MAX_REQUEST_ID} characters")
     if len(request.reason) > _MAX_REASON:
         raise InvalidRequest(f"reason is longer than {_MAX_REASON} characters")
+    if request.pod_interface and not _INTERFACE.match(request.pod_interface):
+        raise InvalidRequest(f"pod_interface {request.pod_interface[:40]!r} is not a network interface name")
     check_filter_expression(request.filter)
     return request

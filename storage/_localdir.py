@@ -5,6 +5,7 @@ Uploads go to a hidden temporary file in the target directory, are fsynced, and 
 completion, so a crash mid-upload never leaves half a pcap under the final name.
 """
 
+import contextlib
 import hashlib
 import os
 import tempfile
@@ -105,8 +106,11 @@ class LocalUpload:
         return StoredObject(key=self._key, size=self._size, sha256=self._hash.hexdigest())
 
     def abort(self) -> None:
-        self._file.close()
-        self._temp.unlink(missing_ok=True)
+        # Closing flushes, which fails on a full disk; the data is being thrown away anyway.
+        with contextlib.suppress(OSError):
+            self._file.close()
+        with _translated(f"aborting upload of {self._key}"):
+            self._temp.unlink(missing_ok=True)
 
 
 def _fsync_dir(path: Path) -> None:

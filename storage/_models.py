@@ -13,6 +13,7 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     DateTime,
     Dialect,
     Enum,
@@ -24,6 +25,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    false,
     text,
 )
 from sqlalchemy.ext.orderinglist import ordering_list
@@ -155,6 +157,8 @@ class CaptureRow(Base):
     max_packets: Mapped[int] = _count()
     max_bytes: Mapped[int] = _count()
     snaplen: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    pod_interface: Mapped[str] = _text(String(15))
+    host_network: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     state: Mapped[CaptureState] = _state_column()
     error: Mapped[str] = _text()
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

@@ -43,7 +43,11 @@ class Upload(Protocol):
     def complete(self) -> StoredObject: ...
 
     def abort(self) -> None:
-        """Throw away what was written, leaving nothing: no partial object, no pending multipart upload."""
+        """Throw away what was written, leaving nothing: no partial object, no pending multipart upload.
+
+        If it raises (the store is down), no more writes are accepted but calling it again later retries
+        the clean-up; after :meth:`complete` or a successful abort it does nothing.
+        """
         ...
 
 

@@ -194,7 +194,10 @@ class S3Upload:
         self._buffer += data
         while len(self._buffer) >= self._part_size():
             size = self._part_size()
-            self._send_part(bytes(self._buffer[:size]))
+            # One copy of the part, not two (slicing a bytearray copies before bytes() copies again).
+            with memoryview(self._buffer) as view:
+                part = bytes(view[:size])
+            self._send_part(part)
             del self._buffer[:size]
 
     def _send_part(self, data: bytes) -> None:
@@ -235,17 +238,25 @@ class S3Upload:
                     UploadId=self._upload_id,
                     MultipartUpload={"Parts": self._parts},
                 )
+            self._upload_id = None  # completed: nothing left for abort() to throw away
         self._done = True
         self._buffer.clear()
         return StoredObject(key=self._key, size=self._size, sha256=self._hash.hexdigest())
 
     def abort(self) -> None:
-        if self._done:
-            return
+        # No more writes whatever happens below; but the upload id is kept until S3 confirmed the abort, so
+        # that an abort that failed while the store was down can be called again once it is back.
         self._done = True
         self._buffer.clear()
-        if self._upload_id is not None:
-            with _translated(f"aborting {self._what}"):
+        if self._upload_id is None:
+            return
+        with _translated(f"aborting {self._what}"):
+            try:
                 self._client.abort_multipart_upload(
                     Bucket=self._bucket, Key=self._s3_key, UploadId=self._upload_id
                 )
+            except ClientError as exc:
+                # Already gone: an earlier abort whose answer was lost, or a server that lost its state.
+                if exc.response.get("Error", {}).get("Code") != "NoSuchUpload":
+                    raise
+        self._upload_id = None

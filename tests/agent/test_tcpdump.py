@@ -18,16 +18,27 @@ def test_filter_is_one_argument_after_double_dash_and_last() -> None:
         262144,
         "tcp port 443 and host 10.0.0.1",
         "tcpdump",
+        5,
     )
     assert argv[-2:] == ["--", "tcp port 443 and host 10.0.0.1"]
-    assert argv[:3] == ["tcpdump", "-i", "cali0123456789a"]
-    assert argv[argv.index("-Z") : argv.index("-Z") + 2] == ["-Z", "tcpdump"]
+    tcpdump = argv[argv.index("--") + 1 :]
+    assert tcpdump[:3] == ["tcpdump", "-i", "cali0123456789a"]
+    assert tcpdump[tcpdump.index("-c") + 1] == "5"
+
+
+def test_tcpdump_never_runs_as_root_and_dies_with_its_agent() -> None:
+    argv = tcpdump_argv("tcpdump", "eth0", Path("/x.pcap"), 96, "", "tcpdump")
+    launcher = argv[: argv.index("--")]
+    assert launcher[0] == "setpriv"
+    assert {"--reuid=tcpdump", "--regid=tcpdump", "--pdeathsig=INT", "--no-new-privs"} <= set(launcher)
+    assert "--ambient-caps=-all,+net_raw,+net_admin" in launcher
 
 
 def test_empty_filter_captures_everything() -> None:
     argv = tcpdump_argv("tcpdump", "eth0", Path("/x.pcap"), 96, "  ", "")
     assert argv[-1] == "--"
-    assert "-Z" not in argv
+    assert not any(arg.startswith("--reuid") for arg in argv)
+    assert "--pdeathsig=INT" in argv
 
 
 @pytest.mark.parametrize("bad", ["-z /evil.sh", "port 80 -w /etc/passwd", "port 80\x00"])

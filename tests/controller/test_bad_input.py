@@ -35,7 +35,7 @@ def offline(tmp_path: Path) -> Iterator[tuple[capture_pb2_grpc.CaptureServiceStu
     inventory.write_text(INVENTORY.format(agent_port=free_port()))
     db = f"sqlite:///{tmp_path / 'podcap.db'}"
     args = ["--db", db, "--store", f"file://{tmp_path / 'store'}", "--inventory", str(inventory)]
-    with controller([*args, "--max-duration", "60s"], tmp_path / "controller.log") as address:
+    with controller([*args, "--max-duration", "60s"], tmp_path) as address:
         engine = sa.create_engine(db)
         with grpc.insecure_channel(address) as channel:
             yield capture_pb2_grpc.CaptureServiceStub(channel), address, engine

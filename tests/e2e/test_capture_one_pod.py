@@ -123,7 +123,7 @@ def stack(request: pytest.FixtureRequest, lab: Lab, fake_kube: FakeKube, tmp_pat
     try:
         with controller(
             ["--db", db_url, "--store", store_url, *source, "--agent-port", str(agent_port)],
-            tmp_path / "controller.log",
+            tmp_path,
             env=env,
         ) as address:
             yield Stack(lab, address, db_url, store_url, bucket, env)
@@ -215,16 +215,18 @@ def test_capture_of_one_pod_holds_exactly_its_filtered_traffic(stack: Stack, tmp
     assert sorted(uri for *_, uri in packets if uri) == PROBES
 
     engine = sa.create_engine(stack.db_url)
-    with engine.connect() as conn:
-        row = conn.execute(
-            sa.text(
-                "SELECT c.state, c.filter, t.state AS target_state, t.node, t.interface, t.packets, "
-                "t.kernel_drops, t.bytes, t.object_key, t.sha256 "
-                "FROM captures c JOIN capture_targets t ON t.capture_id = c.id WHERE c.id = :id"
-            ),
-            {"id": shown["id"]},
-        ).one()
-    engine.dispose()
+    try:
+        with engine.connect() as conn:
+            row = conn.execute(
+                sa.text(
+                    "SELECT c.state, c.filter, t.state AS target_state, t.node, t.interface, t.packets, "
+                    "t.kernel_drops, t.bytes, t.object_key, t.sha256 "
+                    "FROM captures c JOIN capture_targets t ON t.capture_id = c.id WHERE c.id = :id"
+                ),
+                {"id": shown["id"]},
+            ).one()
+    finally:
+        engine.dispose()
     assert row.state == row.target_state == "COMPLETED"
     assert (row.node, row.interface, row.filter) == (server.node, server.host_if, f"tcp port {HTTP_PORT}")
     assert (row.packets, row.kernel_drops, row.bytes) == (len(packets), 0, len(data))

@@ -2,6 +2,7 @@
 
 import uuid
 from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 from alembic.autogenerate import compare_metadata
@@ -39,6 +40,9 @@ def _capture(**overrides: object) -> CaptureRow:
     return CaptureRow(**values)
 
 
+VERSIONS = Path(__file__).resolve().parents[2] / "storage" / "migrations" / "versions"
+
+
 def _target(pod: str, **overrides: object) -> TargetRow:
     values: dict[str, object] = {"namespace": "shop", "pod": pod, "node": "node-a", "pod_ip": "10.1.0.7"}
     values.update(overrides)
@@ -53,7 +57,9 @@ def test_migrations_create_the_schema_and_rerun_as_a_no_op(db_url: str) -> None:
         inspector = inspect(engine)
         assert {"captures", "capture_targets", "alembic_version"} <= set(inspector.get_table_names())
         with engine.connect() as connection:
-            assert MigrationContext.configure(connection).get_current_revision() == "0001"
+            # the newest revision file in storage/migrations/versions is the head
+            newest = max(p.name.split("_")[0] for p in VERSIONS.glob("[0-9]*_*.py"))
+            assert MigrationContext.configure(connection).get_current_revision() == newest
     finally:
         engine.dispose()
 

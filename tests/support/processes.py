@@ -58,22 +58,50 @@ def stop(process: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
             process.wait()
 
 
-@contextlib.contextmanager
-def controller(args: Sequence[str], log: Path, env: dict[str, str] | None = None) -> Iterator[str]:
-    """Runs `podcap controller --listen 127.0.0.1:PORT ARGS...` and yields its address once healthy."""
-    address = f"127.0.0.1:{free_port()}"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [PODCAP, "controller", "--listen", address, *args],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})},
+class ControllerProcess:
+    """`podcap controller --listen 127.0.0.1:PORT ARGS...`, which a test may kill and start again on one port."""
+
+    def __init__(self, args: Sequence[str], log_dir: Path, env: dict[str, str] | None = None) -> None:
+        self.address = f"127.0.0.1:{free_port()}"
+        self._args, self._log_dir, self._env = list(args), log_dir, env or {}
+        self.process: subprocess.Popen[bytes] | None = None
+        self._starts = 0
+
+    def start(self) -> None:
+        self._starts += 1
+        with (self._log_dir / f"controller-{self._starts}.log").open("wb") as out:
+            self.process = subprocess.Popen(
+                [PODCAP, "controller", "--listen", self.address, *self._args],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **self._env},
+            )
+        wait_healthy(self.address, self.process)
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait()
+
+    def log(self) -> str:
+        return "\n".join(
+            p.read_text(errors="replace") for p in sorted(self._log_dir.glob("controller-*.log"))
         )
-        try:
-            wait_healthy(address, process)
-            yield address
-        finally:
-            stop(process)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop(self.process)
+
+
+@contextlib.contextmanager
+def controller(args: Sequence[str], log_dir: Path, env: dict[str, str] | None = None) -> Iterator[str]:
+    """Runs a controller for the duration of the block and yields its address once healthy."""
+    process = ControllerProcess(args, log_dir, env)
+    try:
+        process.start()
+        yield process.address
+    finally:
+        process.stop()
 
 
 def cli(args: Sequence[str], server: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:

@@ -59,11 +59,17 @@ class StartCaptureRequest(_message.Message):
     DURATION_FIELD_NUMBER: _builtins.int
     LIMITS_FIELD_NUMBER: _builtins.int
     OBJECT_KEY_FIELD_NUMBER: _builtins.int
+    POD_INTERFACE_FIELD_NUMBER: _builtins.int
+    HOST_NETWORK_FIELD_NUMBER: _builtins.int
     capture_id: _builtins.str
     """Chosen by the controller, unique per capture target; the same id twice returns the running capture."""
     filter: _builtins.str
     object_key: _builtins.str
     """Where the pcap goes in the object store the agent is configured with."""
+    pod_interface: _builtins.str
+    """The pod-side interface to capture; empty means the one holding the pod IP."""
+    host_network: _builtins.bool
+    """Capture on the node interface holding the pod IP (hostNetwork pods), with the filter narrowed to it."""
     @_builtins.property
     def pod(self) -> Global___PodRef: ...
     @_builtins.property
@@ -79,10 +85,12 @@ class StartCaptureRequest(_message.Message):
         duration: _duration_pb2.Duration | None = ...,
         limits: _common_pb2.CaptureLimits | None = ...,
         object_key: _builtins.str = ...,
+        pod_interface: _builtins.str = ...,
+        host_network: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "limits", b"limits", "pod", b"pod"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capture_id", b"capture_id", "duration", b"duration", "filter", b"filter", "limits", b"limits", "object_key", b"object_key", "pod", b"pod"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capture_id", b"capture_id", "duration", b"duration", "filter", b"filter", "host_network", b"host_network", "limits", b"limits", "object_key", b"object_key", "pod", b"pod", "pod_interface", b"pod_interface"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -194,16 +202,19 @@ class ResolvePodRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     POD_FIELD_NUMBER: _builtins.int
+    POD_INTERFACE_FIELD_NUMBER: _builtins.int
+    pod_interface: _builtins.str
     @_builtins.property
     def pod(self) -> Global___PodRef: ...
     def __init__(
         self,
         *,
         pod: Global___PodRef | None = ...,
+        pod_interface: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["pod", b"pod"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["pod", b"pod"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["pod", b"pod", "pod_interface", b"pod_interface"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

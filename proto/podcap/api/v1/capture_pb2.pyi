@@ -33,6 +33,8 @@ class CreateCaptureRequest(_message.Message):
     LIMITS_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    POD_INTERFACE_FIELD_NUMBER: _builtins.int
+    HOST_NETWORK_FIELD_NUMBER: _builtins.int
     namespace: _builtins.str
     """Namespace of the pod(s), DNS-1123 label."""
     pod: _builtins.str
@@ -45,6 +47,12 @@ class CreateCaptureRequest(_message.Message):
     """Makes retries safe: the same request_id from the same caller returns the same capture."""
     reason: _builtins.str
     """Free text kept with the capture for the audit trail (a ticket number, say)."""
+    pod_interface: _builtins.str
+    """The pod-side interface to capture (a Multus `net1`, say); empty means the one holding the pod IP."""
+    host_network: _builtins.bool
+    """A hostNetwork pod has no veth of its own: set this to capture on the node interface that holds its IP
+    instead, filtered to that address. Without it such a pod is refused with FAILED_PRECONDITION.
+    """
     @_builtins.property
     def duration(self) -> _duration_pb2.Duration:
         """How long to capture; above zero and at most the controller's configured cap."""
@@ -62,10 +70,12 @@ class CreateCaptureRequest(_message.Message):
         limits: _common_pb2.CaptureLimits | None = ...,
         request_id: _builtins.str = ...,
         reason: _builtins.str = ...,
+        pod_interface: _builtins.str = ...,
+        host_network: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "limits", b"limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "filter", b"filter", "label_selector", b"label_selector", "limits", b"limits", "namespace", b"namespace", "pod", b"pod", "reason", b"reason", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "filter", b"filter", "host_network", b"host_network", "label_selector", b"label_selector", "limits", b"limits", "namespace", b"namespace", "pod", b"pod", "pod_interface", b"pod_interface", "reason", b"reason", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

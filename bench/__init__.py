@@ -1,0 +1,1 @@
+"""Benchmarks: timing targets live here, not in tests. ``python -m bench`` (``make bench``) runs them all."""

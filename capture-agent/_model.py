@@ -1,0 +1,75 @@
+"""The agent's vocabulary: what a capture asks for, how it stands, and the node's bounds on it."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from datetime import datetime
+from typing import Any
+
+from ._resolve import Resolution
+from ._tcpdump import TcpdumpStats
+
+
+class JobState(enum.StrEnum):
+    RUNNING = "RUNNING"
+    UPLOADING = "UPLOADING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+
+TERMINAL = frozenset({JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED})
+
+
+@dataclass(frozen=True)
+class CaptureSpec:
+    """What the controller asked for."""
+
+    capture_id: str
+    pod_ips: Sequence[str]
+    filter: str
+    duration_s: float
+    object_key: str
+    max_packets: int = 0
+    max_bytes: int = 0
+    snaplen: int = 0
+    pod_interface: str = ""
+    host_network: bool = False
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> CaptureSpec:
+        """Back from the spool's JSON record (unknown keys from a newer agent are ignored)."""
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in record.items() if k in known}
+        values["pod_ips"] = tuple(values.get("pod_ips", ()))
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class CaptureSnapshot:
+    """A job as it stands, for the API."""
+
+    spec: CaptureSpec
+    state: JobState
+    resolution: Resolution
+    stats: TcpdumpStats = field(default_factory=TcpdumpStats)
+    size: int = 0
+    sha256: str = ""
+    error: str = ""
+    started_at: datetime | None = None
+    ended_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class Limits:
+    """This node's bounds on what captures may ask for and use."""
+
+    max_duration_s: float = 3600.0
+    default_snaplen: int = 262144
+    max_snaplen: int = 262144
+    max_concurrent: int = 8
+    max_spool_bytes: int = 8 << 30
+    min_free_bytes: int = 1 << 30
+    shutdown_grace_s: float = 20.0

@@ -1,0 +1,165 @@
+"""Faults seen from the support engineer's side: whatever breaks in between, the capture ends right and its pcap
+is the one that was captured.
+
+A real controller (SQLite, S3 on moto's server) and a real agent in node-2's netns, both killed and restarted by
+the test; the engineer only uses the `podcap` CLI.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.support.agents import NodeAgent
+from tests.support.lab import Lab
+from tests.support.processes import PODCAP, ControllerProcess, spool_root
+from tests.support.s3 import S3Server
+
+pytestmark = pytest.mark.netns
+
+PORT = 8080
+
+
+@dataclass
+class Rig:
+    lab: Lab
+    s3: S3Server
+    bucket: str
+    agent: NodeAgent
+    controller: ControllerProcess
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [PODCAP, *args],
+            env={**os.environ, "PODCAP_SERVER": self.controller.address},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        if check:
+            assert result.returncode == 0, (
+                f"podcap {' '.join(args)}: {result.stderr}\n{self.controller.log()[-3000:]}"
+            )
+        return result
+
+    def get(self, capture_id: str) -> dict[str, object]:
+        shown: dict[str, object] = json.loads(self.cli("get", capture_id, "-o", "json").stdout)
+        return shown
+
+    def wait_for(self, capture_id: str, states: set[str], timeout: float = 60) -> dict[str, object]:
+        deadline = time.monotonic() + timeout
+        while True:
+            shown = self.get(capture_id)
+            if shown["state"] in states:
+                return shown
+            assert time.monotonic() < deadline, (
+                f"{capture_id} stuck in {shown['state']}:\n{self.agent.log()[-3000:]}"
+            )
+            time.sleep(0.2)
+
+
+@pytest.fixture
+def rig(lab: Lab, s3_server: S3Server, tmp_path: Path) -> Iterator[Rig]:
+    if not s3_server.running:
+        s3_server.start()
+    bucket = f"faults-{time.monotonic_ns()}"
+    s3_server.client().create_bucket(Bucket=bucket)
+    node = lab.nodes["node-2"]
+    lab.forward_into(node.netns, s3_server.port, "127.0.0.1", s3_server.port)
+    store = f"s3://{bucket}/captures"
+    server = lab.pods["server"]
+    inventory = tmp_path / "inventory.yaml"
+    with spool_root() as spool:
+        agent = NodeAgent(lab, node, store, spool, tmp_path, env=s3_server.env)
+        inventory.write_text(
+            yaml.safe_dump(
+                {
+                    "pods": [{"namespace": "shop", "name": "server", "node": node.name, "ips": [server.ip]}],
+                    "agents": {node.name: agent.address},
+                }
+            )
+        )
+        controller = ControllerProcess(
+            ["--db", f"sqlite:///{tmp_path / 'podcap.db'}", "--store", store, "--inventory", str(inventory)],
+            tmp_path,
+            env=s3_server.env,
+        )
+        try:
+            agent.start()
+            controller.start()
+            lab.http_server(server.netns, PORT)
+            yield Rig(lab, s3_server, bucket, agent, controller)
+        finally:
+            controller.stop()
+            agent.close()
+            if not s3_server.running:
+                s3_server.start()
+
+
+def _probe(rig: Rig, path: str) -> None:
+    server = rig.lab.pods["server"]
+    assert (
+        rig.lab.http_get(rig.lab.pods["client"].netns, f"http://{server.ip}:{PORT}{path}", timeout=5) == 404
+    )
+
+
+def _downloaded(rig: Rig, capture_id: str, tmp_path: Path) -> tuple[bytes, list[str]]:
+    pcap = tmp_path / f"{capture_id}.pcap"
+    rig.cli("download", capture_id, "-f", str(pcap))
+    out = subprocess.run(
+        ["tshark", "-r", str(pcap), "-T", "fields", "-e", "http.request.uri"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    return pcap.read_bytes(), [line for line in out.splitlines() if line]
+
+
+def test_agent_killed_while_uploading_and_s3_down_still_completes(rig: Rig, tmp_path: Path) -> None:
+    rig.s3.stop()
+    started = json.loads(
+        rig.cli(
+            "capture", "shop/server", "--filter", f"tcp port {PORT}", "--duration", "1s", "-o", "json"
+        ).stdout
+    )
+    _probe(rig, "/through-it-all")
+    uploading = rig.wait_for(started["id"], {"UPLOADING", "COMPLETED", "FAILED"})
+    assert uploading["state"] == "UPLOADING"
+    rig.agent.signal(signal.SIGKILL)
+    rig.s3.start()
+    rig.s3.client().create_bucket(Bucket=rig.bucket)  # moto forgets its buckets when it restarts
+    rig.agent.start()
+
+    final = rig.wait_for(started["id"], {"COMPLETED", "FAILED"})
+    assert final["state"] == "COMPLETED", final["error"]
+    data, uris = _downloaded(rig, started["id"], tmp_path)
+    assert uris == ["/through-it-all"]
+    assert final["sha256"] == hashlib.sha256(data).hexdigest() and final["bytes"] == len(data)
+
+
+def test_controller_killed_mid_capture_follows_it_again_after_restart(rig: Rig, tmp_path: Path) -> None:
+    started = json.loads(
+        rig.cli(
+            "capture", "shop/server", "--filter", f"tcp port {PORT}", "--duration", "3s", "-o", "json"
+        ).stdout
+    )
+    rig.controller.kill()
+    _probe(rig, "/while-the-controller-was-down")
+    rig.controller.start()
+    final = rig.wait_for(started["id"], {"COMPLETED", "FAILED"})
+    assert final["state"] == "COMPLETED", final["error"]
+    data, uris = _downloaded(rig, started["id"], tmp_path)
+    assert uris == ["/while-the-controller-was-down"]
+    assert final["sha256"] == hashlib.sha256(data).hexdigest()
