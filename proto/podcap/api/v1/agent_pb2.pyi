@@ -128,6 +128,7 @@ class AgentCapture(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     START_TIME_FIELD_NUMBER: _builtins.int
     END_TIME_FIELD_NUMBER: _builtins.int
+    SUMMARY_FIELD_NUMBER: _builtins.int
     capture_id: _builtins.str
     state: _common_pb2.CaptureState.ValueType
     object_key: _builtins.str
@@ -141,6 +142,10 @@ class AgentCapture(_message.Message):
     def start_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def end_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def summary(self) -> _common_pb2.CaptureSummary:
+        """Made once the pcap is stored; absent until then."""
+
     def __init__(
         self,
         *,
@@ -153,10 +158,11 @@ class AgentCapture(_message.Message):
         error: _builtins.str = ...,
         start_time: _timestamp_pb2.Timestamp | None = ...,
         end_time: _timestamp_pb2.Timestamp | None = ...,
+        summary: _common_pb2.CaptureSummary | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "resolution", b"resolution", "start_time", b"start_time", "stats", b"stats"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "resolution", b"resolution", "start_time", b"start_time", "stats", b"stats", "summary", b"summary"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capture_id", b"capture_id", "end_time", b"end_time", "error", b"error", "object_key", b"object_key", "resolution", b"resolution", "sha256", b"sha256", "start_time", b"start_time", "state", b"state", "stats", b"stats"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capture_id", b"capture_id", "end_time", b"end_time", "error", b"error", "object_key", b"object_key", "resolution", b"resolution", "sha256", b"sha256", "start_time", b"start_time", "state", b"state", "stats", b"stats", "summary", b"summary"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

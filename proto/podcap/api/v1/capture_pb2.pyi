@@ -410,6 +410,7 @@ class CaptureTarget(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     START_TIME_FIELD_NUMBER: _builtins.int
     END_TIME_FIELD_NUMBER: _builtins.int
+    SUMMARY_FIELD_NUMBER: _builtins.int
     namespace: _builtins.str
     pod: _builtins.str
     node: _builtins.str
@@ -427,6 +428,10 @@ class CaptureTarget(_message.Message):
     def start_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def end_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def summary(self) -> _common_pb2.CaptureSummary:
+        """What is inside the pcap, once it is stored."""
+
     def __init__(
         self,
         *,
@@ -442,10 +447,11 @@ class CaptureTarget(_message.Message):
         error: _builtins.str = ...,
         start_time: _timestamp_pb2.Timestamp | None = ...,
         end_time: _timestamp_pb2.Timestamp | None = ...,
+        summary: _common_pb2.CaptureSummary | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time", "stats", b"stats"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time", "stats", b"stats", "summary", b"summary"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "error", b"error", "interface", b"interface", "namespace", b"namespace", "node", b"node", "object_key", b"object_key", "pod", b"pod", "pod_ip", b"pod_ip", "sha256", b"sha256", "start_time", b"start_time", "state", b"state", "stats", b"stats"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "error", b"error", "interface", b"interface", "namespace", b"namespace", "node", b"node", "object_key", b"object_key", "pod", b"pod", "pod_ip", b"pod_ip", "sha256", b"sha256", "start_time", b"start_time", "state", b"state", "stats", b"stats", "summary", b"summary"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

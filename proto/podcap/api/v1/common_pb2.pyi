@@ -3,8 +3,11 @@
 isort:skip_file
 Types shared by the public CaptureService and the node-internal AgentService."""
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
@@ -103,3 +106,119 @@ class CaptureStats(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CaptureStats: _TypeAlias = CaptureStats  # noqa: Y015
+
+@_typing.final
+class CaptureSummary(_message.Message):
+    """What is inside a pcap, made on the node from the stored pcap so a person can judge it before downloading."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PACKETS_FIELD_NUMBER: _builtins.int
+    BYTES_FIELD_NUMBER: _builtins.int
+    FIRST_PACKET_TIME_FIELD_NUMBER: _builtins.int
+    LAST_PACKET_TIME_FIELD_NUMBER: _builtins.int
+    PROTOCOLS_FIELD_NUMBER: _builtins.int
+    CONVERSATIONS_FIELD_NUMBER: _builtins.int
+    TCP_RESETS_FIELD_NUMBER: _builtins.int
+    TCP_RETRANSMISSIONS_FIELD_NUMBER: _builtins.int
+    DNS_ERRORS_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    packets: _builtins.int
+    bytes: _builtins.int
+    tcp_resets: _builtins.int
+    tcp_retransmissions: _builtins.int
+    dns_errors: _builtins.int
+    """DNS responses with an error rcode (NXDOMAIN, SERVFAIL, ...)."""
+    error: _builtins.str
+    """Why the summary is missing or partial; the pcap itself is unaffected."""
+    @_builtins.property
+    def first_packet_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def last_packet_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def protocols(self) -> _containers.RepeatedCompositeFieldContainer[Global___ProtocolCount]:
+        """tshark's protocol hierarchy, depth first: "eth", "eth:ethertype:ip", "eth:ethertype:ip:tcp", ..."""
+
+    @_builtins.property
+    def conversations(self) -> _containers.RepeatedCompositeFieldContainer[Global___Conversation]:
+        """The busiest conversations (TCP and UDP), most bytes first."""
+
+    def __init__(
+        self,
+        *,
+        packets: _builtins.int = ...,
+        bytes: _builtins.int = ...,
+        first_packet_time: _timestamp_pb2.Timestamp | None = ...,
+        last_packet_time: _timestamp_pb2.Timestamp | None = ...,
+        protocols: _abc.Iterable[Global___ProtocolCount] | None = ...,
+        conversations: _abc.Iterable[Global___Conversation] | None = ...,
+        tcp_resets: _builtins.int = ...,
+        tcp_retransmissions: _builtins.int = ...,
+        dns_errors: _builtins.int = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["first_packet_time", b"first_packet_time", "last_packet_time", b"last_packet_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "conversations", b"conversations", "dns_errors", b"dns_errors", "error", b"error", "first_packet_time", b"first_packet_time", "last_packet_time", b"last_packet_time", "packets", b"packets", "protocols", b"protocols", "tcp_resets", b"tcp_resets", "tcp_retransmissions", b"tcp_retransmissions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CaptureSummary: _TypeAlias = CaptureSummary  # noqa: Y015
+
+@_typing.final
+class ProtocolCount(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROTOCOL_FIELD_NUMBER: _builtins.int
+    FRAMES_FIELD_NUMBER: _builtins.int
+    BYTES_FIELD_NUMBER: _builtins.int
+    protocol: _builtins.str
+    frames: _builtins.int
+    bytes: _builtins.int
+    def __init__(
+        self,
+        *,
+        protocol: _builtins.str = ...,
+        frames: _builtins.int = ...,
+        bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "frames", b"frames", "protocol", b"protocol"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProtocolCount: _TypeAlias = ProtocolCount  # noqa: Y015
+
+@_typing.final
+class Conversation(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROTOCOL_FIELD_NUMBER: _builtins.int
+    ENDPOINT_A_FIELD_NUMBER: _builtins.int
+    ENDPOINT_B_FIELD_NUMBER: _builtins.int
+    FRAMES_FIELD_NUMBER: _builtins.int
+    BYTES_FIELD_NUMBER: _builtins.int
+    protocol: _builtins.str
+    """"tcp" or "udp"."""
+    endpoint_a: _builtins.str
+    """"10.0.0.1:443" (IPv6 as "[fd00::1]:443")."""
+    endpoint_b: _builtins.str
+    frames: _builtins.int
+    bytes: _builtins.int
+    def __init__(
+        self,
+        *,
+        protocol: _builtins.str = ...,
+        endpoint_a: _builtins.str = ...,
+        endpoint_b: _builtins.str = ...,
+        frames: _builtins.int = ...,
+        bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "endpoint_a", b"endpoint_a", "endpoint_b", b"endpoint_b", "frames", b"frames", "protocol", b"protocol"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Conversation: _TypeAlias = Conversation  # noqa: Y015
