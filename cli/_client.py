@@ -55,6 +55,7 @@ class Connection:
         snaplen: int,
         reason: str,
         request_id: str,
+        label_selector: str = "",
         pod_interface: str = "",
         host_network: bool = False,
     ) -> capture_pb2.Capture:
@@ -68,6 +69,7 @@ class Connection:
             limits=common_pb2.CaptureLimits(max_packets=max_packets, max_bytes=max_bytes, snaplen=snaplen),
             reason=reason,
             request_id=request_id,
+            label_selector=label_selector,
             pod_interface=pod_interface,
             host_network=host_network,
         )

@@ -17,6 +17,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from ._client import ClientError, Connection
+from ._download import download
 from ._output import print_capture, print_captures
 
 SERVER_ENV = "PODCAP_SERVER"
@@ -58,8 +59,12 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("-o", "--output", choices=["text", "json"], default="text")
         return p
 
-    p = client("capture", "capture one pod's traffic")
-    p.add_argument("pod", type=_pod_ref, metavar="NAMESPACE/POD")
+    p = client("capture", "capture a pod's traffic, or every running pod a label selector matches")
+    p.add_argument("pod", type=_pod_ref, metavar="NAMESPACE/POD", nargs="?")
+    p.add_argument("-n", "--namespace", default="", help="with --selector: the pods' namespace")
+    p.add_argument(
+        "-l", "--selector", default="", help="label selector, e.g. app=checkout (one pcap per pod)"
+    )
     p.add_argument("--filter", default="", help="tcpdump capture filter, e.g. 'tcp port 443'")
     p.add_argument(
         "--duration", type=parse_duration, default=timedelta(seconds=30), help="e.g. 30s, 2m (default 30s)"
@@ -78,7 +83,12 @@ def _parser() -> argparse.ArgumentParser:
         help="for a hostNetwork pod: capture on the node interface holding its IP, filtered to that address",
     )
     p.add_argument("--wait", action="store_true", help="wait until the capture has ended, showing progress")
-    p.add_argument("--download", type=Path, metavar="PATH", help="wait, then save the pcap to PATH")
+    p.add_argument(
+        "--download",
+        type=Path,
+        metavar="PATH",
+        help="wait, then save the pcap to PATH (several pods: one pcapng merged by time, interfaces named ns/pod@node)",
+    )
 
     p = client("get", "show one capture")
     p.add_argument("id")
@@ -90,7 +100,14 @@ def _parser() -> argparse.ArgumentParser:
     p = client("download", "save a completed capture's pcap")
     p.add_argument("id")
     p.add_argument("-f", "--file", type=Path, required=True, metavar="PATH")
-    p.add_argument("--target", type=int, default=0, help="which pod of a multi-pod capture (default 0)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument(
+        "--target", type=int, help="one pod of a multi-pod capture, by its index in `podcap get`"
+    )
+    which.add_argument("--all", action="store_true", help="every pod's pcap into the directory PATH")
+    which.add_argument(
+        "--merge", action="store_true", help="every pod into one pcapng at PATH, merged by time"
+    )
     p = client("url", "print a short-lived download URL for a completed capture")
     p.add_argument("id")
     p.add_argument("--target", type=int, default=0)
@@ -162,7 +179,7 @@ async def _client_command(args: argparse.Namespace) -> int:
     json_output = args.output == "json"
     async with Connection(args.server) as conn:
         if args.command == "capture":
-            namespace, pod = args.pod
+            namespace, pod = _capture_target(args)
             capture = await conn.create(
                 namespace=namespace,
                 pod=pod,
@@ -173,15 +190,15 @@ async def _client_command(args: argparse.Namespace) -> int:
                 snaplen=args.snaplen,
                 reason=args.reason,
                 request_id=args.request_id,
+                label_selector=args.selector,
                 pod_interface=args.interface,
                 host_network=args.host_network,
             )
             if args.wait or args.download:
                 capture = await conn.wait(capture.id, progress=True)
             if args.download and capture.state == conn.completed:
-                size = await conn.download(capture.id, 0, args.download)
-                if not json_output:
-                    print(f"saved {size} bytes to {args.download}", file=sys.stderr)
+                merge = len(capture.targets) > 1
+                await download(conn, capture, args.download, target=None, every=False, merge=merge)
             print_capture(capture, json_output)
             return 0 if capture.state != conn.failed else 1
         if args.command == "get":
@@ -189,8 +206,7 @@ async def _client_command(args: argparse.Namespace) -> int:
         elif args.command == "list":
             print_captures(await conn.list(args.namespace, args.pod, args.state, args.limit), json_output)
         elif args.command == "download":
-            size = await conn.download(args.id, args.target, args.file)
-            print(f"saved {size} bytes to {args.file}", file=sys.stderr)
+            await download(conn, await conn.get(args.id), args.file, args.target, args.all, args.merge)
         elif args.command == "url":
             print(await conn.download_url(args.id, args.target))
         elif args.command == "stop":
@@ -199,6 +215,18 @@ async def _client_command(args: argparse.Namespace) -> int:
                 capture = await conn.wait(capture.id, progress=True)
             print_capture(capture, json_output)
     return 0
+
+
+def _capture_target(args: argparse.Namespace) -> tuple[str, str]:
+    """NAMESPACE/POD, or -n NAMESPACE with -l SELECTOR."""
+    if args.pod and args.selector:
+        raise ClientError("give NAMESPACE/POD or --selector, not both")
+    if args.pod:
+        namespace, pod = args.pod
+        return str(namespace), str(pod)
+    if not (args.selector and args.namespace):
+        raise ClientError("give NAMESPACE/POD, or -n NAMESPACE with -l SELECTOR")
+    return str(args.namespace), ""
 
 
 def _run_controller(args: argparse.Namespace) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from podcap.api.v1 import agent_pb2, common_pb2
@@ -31,7 +33,15 @@ from podcap.storage import (
 )
 
 from ._agents import AgentCapture, AgentClients, CaptureUnknownToAgent
-from ._errors import CaptureNotFound, ControllerError, InvalidRequest, Unavailable, WrongState
+from ._errors import (
+    CaptureNotFound,
+    ControllerError,
+    InvalidRequest,
+    LimitExceeded,
+    NotFound,
+    Unavailable,
+    WrongState,
+)
 from ._inventory import Inventory, Pod
 from ._validation import CaptureLimitsCaps, CaptureRequest, validate
 
@@ -127,15 +137,67 @@ class Captures:
             existing = await self._tx(lambda repo: repo.find_by_request(requester, request.request_id))
             if existing is not None:
                 return _same_request(existing, request)
-        pod = await asyncio.to_thread(self._inventory.get_pod, request.namespace, request.pod)
-        _check_capturable(pod, request)
-        address = await asyncio.to_thread(self._inventory.agent_address, pod.node)
-        row = _new_row(request, requester, pod, address)
-        await self._tx(lambda repo: repo.add(row))
-        target = row.targets[0]
+        pods = await self._target_pods(request)
+        nodes = sorted({pod.node for pod in pods})
+        addresses = dict(
+            zip(
+                nodes,
+                await asyncio.gather(*(asyncio.to_thread(self._inventory.agent_address, n) for n in nodes)),
+                strict=True,
+            )
+        )
+        row = _new_row(request, requester, pods, addresses)
+        try:
+            await self._tx(lambda repo: repo.add(row))
+        except IntegrityError:
+            # A concurrent retry with the same request_id won the insert: answer with its capture.
+            existing = await self._tx(lambda repo: repo.find_by_request(requester, request.request_id))
+            if existing is None:
+                raise
+            return _same_request(existing, request)
+        outcomes = await asyncio.gather(
+            *(
+                self._dispatch(row, target, pod, request)
+                for target, pod in zip(row.targets, pods, strict=True)
+            ),
+            return_exceptions=True,
+        )
+        errors = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
+        if len(errors) == len(outcomes):
+            raise errors[0]
+        return await self.get(row.id)
+
+    async def _target_pods(self, request: CaptureRequest) -> list[Pod]:
+        """The pod, or every capturable pod the selector matches (NOT_FOUND when there is none)."""
+        if request.pod:
+            pod = await asyncio.to_thread(self._inventory.get_pod, request.namespace, request.pod)
+            _check_capturable(pod, request)
+            return [pod]
+        matched = await asyncio.to_thread(
+            self._inventory.list_pods, request.namespace, request.label_selector
+        )
+        pods = [pod for pod in matched if _capturable(pod, request)]
+        if not pods:
+            raise NotFound(
+                f"no running pod in namespace {request.namespace} matches {request.label_selector!r}"
+                + (
+                    f" ({len(matched)} match but are not running, hostNetwork or without an IP)"
+                    if matched
+                    else ""
+                )
+            )
+        limit = self._settings.caps.max_targets
+        if len(pods) > limit:
+            raise LimitExceeded(
+                f"{request.label_selector!r} matches {len(pods)} running pods; at most {limit} per capture"
+            )
+        return sorted(pods, key=lambda pod: pod.name)
+
+    async def _dispatch(self, row: CaptureRow, target: TargetRow, pod: Pod, request: CaptureRequest) -> None:
+        """Asks the pod's agent to start; the target's row was written PENDING before."""
         try:
             report = await self._agents.start(
-                address,
+                target.agent_address,
                 _agent_capture_id(row.id, target.index),
                 agent_pb2.PodRef(namespace=pod.namespace, name=pod.name, ips=list(pod.ips)),
                 request.filter,
@@ -151,8 +213,7 @@ class Captures:
             await self._record_failure(row.id, target.index, str(exc))
             raise
         await self._record(row.id, target.index, report)
-        self._follow(row.id, target.index, address)
-        return await self.get(row.id)
+        self._follow(row.id, target.index, target.agent_address)
 
     async def get(self, capture_id: str) -> CaptureRow:
         row = await self._tx(lambda repo: repo.get(capture_id))
@@ -345,7 +406,15 @@ def _check_capturable(pod: Pod, request: CaptureRequest) -> None:
         raise WrongState(f"pod {name} is not scheduled on a node")
 
 
-def _new_row(request: CaptureRequest, requester: str, pod: Pod, agent_address: str) -> CaptureRow:
+def _capturable(pod: Pod, request: CaptureRequest) -> bool:
+    try:
+        _check_capturable(pod, request)
+    except WrongState:
+        return False
+    return True
+
+
+def _new_row(request: CaptureRequest, requester: str, pods: list[Pod], agents: dict[str, str]) -> CaptureRow:
     now = datetime.now(UTC)
     capture_id = uuid.uuid4().hex
     row = CaptureRow(
@@ -370,18 +439,38 @@ def _new_row(request: CaptureRequest, requester: str, pod: Pod, agent_address: s
     )
     row.targets = [
         TargetRow(
-            index=0,
             namespace=pod.namespace,
             pod=pod.name,
             node=pod.node,
             pod_ip=",".join(pod.ips),
             pod_uid=pod.uid,
-            agent_address=agent_address,
+            pod_context=pod_context(pod),
+            agent_address=agents[pod.node],
             state=CaptureState.PENDING,
             object_key=f"{capture_id}/{pod.namespace}_{pod.name}.pcap",
         )
+        for pod in pods
     ]
     return row
+
+
+def pod_context(pod: Pod) -> str:
+    """What the pod was when it was captured, kept with the capture so it survives the pod (JSON)."""
+    return json.dumps(
+        {
+            "phase": pod.phase,
+            "node": pod.node,
+            "ips": list(pod.ips),
+            "hostNetwork": pod.host_network,
+            "uid": pod.uid,
+            "labels": pod.labels,
+            "containers": [
+                {"name": c.name, "ready": c.ready, "restartCount": c.restart_count, "state": c.state}
+                for c in pod.containers
+            ],
+        },
+        sort_keys=True,
+    )
 
 
 def _same_request(existing: CaptureRow, request: CaptureRequest) -> CaptureRow:
@@ -389,6 +478,7 @@ def _same_request(existing: CaptureRow, request: CaptureRequest) -> CaptureRow:
     same = (
         existing.namespace == request.namespace
         and existing.pod == request.pod
+        and existing.label_selector == request.label_selector
         and existing.filter == request.filter
         and existing.duration_ms == int(request.duration.total_seconds() * 1000)
         and (existing.max_packets, existing.max_bytes, existing.snaplen)

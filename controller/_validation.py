@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass
 from datetime import timedelta
 
+from . import _selectors
 from ._bpf import FilterError, check_filter
 from ._errors import InvalidRequest
 
@@ -18,6 +19,7 @@ _INTERFACE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,14}$")
 _MAX_FILTER = 4096
 _MAX_REASON = 1024
 _MAX_REQUEST_ID = 128
+_MAX_SELECTOR = 1024
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,8 @@ class CaptureLimitsCaps:
 
     max_duration: timedelta = timedelta(hours=1)
     max_snaplen: int = 262144
+    # A label selector may match many pods; each is a tcpdump on some node.
+    max_targets: int = 50
 
 
 @dataclass(frozen=True)
@@ -85,9 +89,17 @@ def check_filter_expression(expression: str) -> None:
 def validate(request: CaptureRequest, caps: CaptureLimitsCaps) -> CaptureRequest:
     """Returns the request if every field is acceptable, else raises InvalidRequest saying which and why."""
     check_label("namespace", request.namespace)
+    if request.pod and request.label_selector:
+        raise InvalidRequest("give either a pod or a label_selector, not both")
     if request.label_selector:
-        raise InvalidRequest("label_selector captures are not served yet; name one pod")
-    check_subdomain("pod", request.pod)
+        if len(request.label_selector) > _MAX_SELECTOR:
+            raise InvalidRequest(f"label_selector is longer than {_MAX_SELECTOR} characters")
+        try:
+            _selectors.parse(request.label_selector)
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from exc
+    else:
+        check_subdomain("pod", request.pod)
     if request.duration <= timedelta(0):
         raise InvalidRequest("duration must be above zero")
     if request.duration > caps.max_duration:

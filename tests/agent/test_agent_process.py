@@ -316,3 +316,29 @@ def test_host_network_pod_is_refused_unless_asked_for_and_then_captured_on_the_n
     assert started.resolution.strategy.startswith("host-network")
     agent.stub.StopCapture(agent_pb2.AgentCaptureRef(capture_id="hostnet-1"))
     assert _wait(agent, "hostnet-1", {COMPLETED, FAILED}).state == COMPLETED
+
+
+def test_resolve_pod_and_list_interfaces_explain_the_choice(
+    lab: Lab, spool: Path, tmp_path: Path, agents: list[NodeAgent]
+) -> None:
+    server, client = lab.pods["server"], lab.pods["client"]
+    agent = _agent(lab, f"file://{tmp_path / 'store'}", spool, tmp_path)
+    agents.append(agent)
+    found = agent.stub.ResolvePod(
+        agent_pb2.ResolvePodRequest(pod=agent_pb2.PodRef(ips=[server.ip])), timeout=10
+    )
+    assert (found.interface, found.pod_interface, found.pod_mac, found.pod_ip) == (
+        server.host_if,
+        "eth0",
+        server.pod_mac,
+        server.ip,
+    )
+    assert found.strategy.startswith("netns-scan") and found.netns and found.pod_ifindex > 0
+    listed = agent.stub.ListInterfaces(agent_pb2.ListInterfacesRequest(), timeout=10).interfaces
+    cali = next(i for i in listed if i.name == server.host_if)
+    assert (cali.ifindex, cali.peer_ifindex, cali.kind) == (found.ifindex, found.pod_ifindex, "veth")
+
+    with pytest.raises(grpc.RpcError) as elsewhere:
+        agent.stub.ResolvePod(agent_pb2.ResolvePodRequest(pod=agent_pb2.PodRef(ips=[client.ip])), timeout=10)
+    assert elsewhere.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "node-2" in elsewhere.value.details() and client.ip in elsewhere.value.details()

@@ -19,125 +19,20 @@ import os
 import subprocess
 import threading
 import urllib.request
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import boto3
 import pytest
 import sqlalchemy as sa
-import yaml
 
-from tests.support.fakekube import FakeKube
-from tests.support.lab import Lab
-from tests.support.processes import PODCAP, controller, free_port, spool_root, stop, wait_healthy
+from tests.e2e.conftest import Stack, aws_credentials
+from tests.support.processes import PODCAP
 
 pytestmark = pytest.mark.netns
 
 HTTP_PORT = 8080
 UDP_PORT = 9999
 PROBES = [f"/probe-{i}" for i in range(5)]
-
-
-@pytest.fixture
-def spool() -> Iterator[Path]:
-    with spool_root() as path:
-        yield path
-
-
-@dataclass
-class Stack:
-    lab: Lab
-    server: str
-    db_url: str
-    store_url: str
-    s3_bucket: str | None
-    s3_env: dict[str, str]
-
-
-@pytest.fixture(params=["s3-postgresql-kubernetes", "localdir-sqlite-static"])
-def stack(request: pytest.FixtureRequest, lab: Lab, fake_kube: FakeKube, tmp_path: Path) -> Iterator[Stack]:
-    agent_port = free_port()
-    env: dict[str, str] = {}
-    bucket = None
-    if request.param.startswith("s3"):
-        s3 = request.getfixturevalue("s3_server")
-        bucket = f"pcaps-{os.getpid()}-{agent_port}"
-        boto3.client("s3", endpoint_url=s3.endpoint, **_aws(s3.env)).create_bucket(Bucket=bucket)
-        store_url = f"s3://{bucket}/captures"
-        env = dict(s3.env)
-        s3_port = int(s3.endpoint.rsplit(":", 1)[1])
-        for node in lab.nodes.values():
-            # The agents reach the S3 server on their own loopback, relayed to the root namespace's.
-            lab.forward_into(node.netns, s3_port, "127.0.0.1", s3_port)
-        db_url = request.getfixturevalue("postgres_url")
-    else:
-        store_url = f"file://{tmp_path / 'store'}"
-        db_url = f"sqlite:///{tmp_path / 'podcap.db'}"
-
-    agents = []
-    spool = request.getfixturevalue("spool")
-    for i, node in enumerate(sorted(lab.nodes.values(), key=lambda n: n.name)):
-        agent_address = f"127.0.0.{i + 2}"
-        process = lab.popen(
-            node.netns,
-            [
-                PODCAP,
-                "agent",
-                "--node-name",
-                node.name,
-                "--listen",
-                f"127.0.0.1:{agent_port}",
-                "--store",
-                store_url,
-                "--spool-dir",
-                str(spool / node.name),
-            ],
-            env={**os.environ, **env},
-            stdout=(tmp_path / f"agent-{node.name}.log").open("wb"),
-            stderr=subprocess.STDOUT,
-        )
-        agents.append(process)
-        lab.forward_out(agent_address, agent_port, node.netns, "127.0.0.1", agent_port)
-        wait_healthy(f"{agent_address}:{agent_port}", process)
-        fake_kube.add_agent(node.name, agent_address)
-
-    for pod in lab.pods.values():
-        fake_kube.add_pod(pod.namespace, pod.name, node=pod.node, ips=[pod.ip])
-    if request.param.endswith("kubernetes"):
-        source = ["--kubeconfig", str(fake_kube.write_kubeconfig(tmp_path / "kubeconfig"))]
-    else:
-        inventory = {
-            "pods": [
-                {"namespace": p.namespace, "name": p.name, "node": p.node, "ips": [p.ip]}
-                for p in lab.pods.values()
-            ],
-            "agents": {
-                n.name: f"127.0.0.{i + 2}:{agent_port}"
-                for i, n in enumerate(sorted(lab.nodes.values(), key=lambda n: n.name))
-            },
-        }
-        (tmp_path / "inventory.yaml").write_text(yaml.safe_dump(inventory))
-        source = ["--inventory", str(tmp_path / "inventory.yaml")]
-
-    try:
-        with controller(
-            ["--db", db_url, "--store", store_url, *source, "--agent-port", str(agent_port)],
-            tmp_path,
-            env=env,
-        ) as address:
-            yield Stack(lab, address, db_url, store_url, bucket, env)
-    finally:
-        for process in agents:
-            stop(process)
-
-
-def _aws(env: dict[str, str]) -> dict[str, str]:
-    return {
-        "aws_access_key_id": env["AWS_ACCESS_KEY_ID"],
-        "aws_secret_access_key": env["AWS_SECRET_ACCESS_KEY"],
-        "region_name": env["AWS_DEFAULT_REGION"],
-    }
 
 
 def _tshark(pcap: Path, *fields: str) -> list[list[str]]:
@@ -234,7 +129,9 @@ def test_capture_of_one_pod_holds_exactly_its_filtered_traffic(stack: Stack, tmp
     assert row.object_key == shown["object_key"] and shown["id"] in row.object_key
 
     if stack.s3_bucket is not None:
-        s3 = boto3.client("s3", endpoint_url=stack.s3_env["AWS_ENDPOINT_URL_S3"], **_aws(stack.s3_env))
+        s3 = boto3.client(
+            "s3", endpoint_url=stack.s3_env["AWS_ENDPOINT_URL_S3"], **aws_credentials(stack.s3_env)
+        )
         stored = s3.get_object(Bucket=stack.s3_bucket, Key=f"captures/{row.object_key}")["Body"].read()
     else:
         stored = (Path(stack.store_url.removeprefix("file://")) / row.object_key).read_bytes()
