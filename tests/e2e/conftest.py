@@ -38,6 +38,7 @@ class Stack:
     store_url: str
     s3_bucket: str | None
     s3_env: dict[str, str]
+    agents: dict[str, str]  # node name -> agent address as the controller reaches it
 
 
 @pytest.fixture(params=["s3-postgresql-kubernetes", "localdir-sqlite-static"])
@@ -61,6 +62,7 @@ def stack(request: pytest.FixtureRequest, lab: Lab, fake_kube: FakeKube, tmp_pat
         db_url = f"sqlite:///{tmp_path / 'podcap.db'}"
 
     agents = []
+    agent_addresses: dict[str, str] = {}
     spool = request.getfixturevalue("spool")
     for i, node in enumerate(sorted(lab.nodes.values(), key=lambda n: n.name)):
         agent_address = f"127.0.0.{i + 2}"
@@ -86,6 +88,7 @@ def stack(request: pytest.FixtureRequest, lab: Lab, fake_kube: FakeKube, tmp_pat
         lab.forward_out(agent_address, agent_port, node.netns, "127.0.0.1", agent_port)
         wait_healthy(f"{agent_address}:{agent_port}", process)
         fake_kube.add_agent(node.name, agent_address)
+        agent_addresses[node.name] = f"{agent_address}:{agent_port}"
 
     for pod in lab.pods.values():
         fake_kube.add_pod(pod.namespace, pod.name, node=pod.node, ips=[pod.ip], labels=LABELS)
@@ -111,7 +114,7 @@ def stack(request: pytest.FixtureRequest, lab: Lab, fake_kube: FakeKube, tmp_pat
             tmp_path,
             env=env,
         ) as address:
-            yield Stack(lab, address, db_url, store_url, bucket, env)
+            yield Stack(lab, address, db_url, store_url, bucket, env, agent_addresses)
     finally:
         for process in agents:
             stop(process)
