@@ -15,7 +15,6 @@ from podcap.api.v1 import capture_pb2, capture_pb2_grpc
 from tests.support.fakekube import FakeKube
 from tests.support.processes import controller
 
-
 Api = tuple[capture_pb2_grpc.CaptureServiceStub, sa.Engine]
 
 
