@@ -9,7 +9,7 @@ pods, then runs the resolver the way the agent does, as a process inside that no
 * netns_alive: the check the agent polls during a capture;
 * for scale, one ``nsenter --net=… ip -j -d addr show``: what each namespace cost before the netlink reader.
 
-It also checks that 1,000 requests leave no file descriptor or child process behind.
+It also reports whether all those requests left a file descriptor or a child process behind.
 
     python -m bench.resolve [--pods 200] [--requests 300] [--write-docs]
 
@@ -164,7 +164,7 @@ def _section(r: dict[str, Any], calico: int, pods: int, built: float, requests: 
     return f"""{_HEADING}
 
 From a pod IP to the pod's host-side device on a node with {pods} pods ({calico} Calico, {others}), the
-resolver running as a process inside the node's netns like the agent; random pods, v4 and v6 alternately.
+resolver running as a process inside the node's netns like the agent; random pods, asked by their v4 or v6 address.
 Machine: {r["cpu"]} CPUs, Linux {r["kernel"]}, Python {r["python"]}; lab built in {built:.1f} s.
 
 | request | p50 ms | p95 ms | max ms | n |

@@ -52,6 +52,7 @@ _IFA_ADDRESS, _IFA_LOCAL = 1, 2
 _NETNSA_NSID, _NETNSA_FD = 1, 3
 _NSID_NOT_ASSIGNED = -1
 _DUMP_TRIES = 5
+_TIMEOUT_S = 5.0
 _LINK_ATTRS = frozenset({_IFLA_ADDRESS, _IFLA_IFNAME, _IFLA_LINK, _IFLA_LINKINFO, _IFLA_LINK_NETNSID})
 _KIND_ATTRS = frozenset({_IFLA_INFO_KIND})
 _ADDRESS_ATTRS = frozenset({_IFA_ADDRESS, _IFA_LOCAL})
@@ -96,6 +97,7 @@ class RouteSocket:
     def __init__(self) -> None:
         self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, _NETLINK_ROUTE)
         try:
+            self._sock.settimeout(_TIMEOUT_S)  # the kernel answers at once; never hang a resolution on it
             self._sock.bind((0, 0))
         except OSError:
             self._sock.close()

@@ -13,15 +13,18 @@ A scan:
   ones first so an answer names ``/run/netns/...`` rather than a PID that may be reused;
 * asks the kernel which nsid the node gave each candidate. Only namespaces some node device points into can hold
   a pod of this node; that also keeps a node from answering for another node's pod it can see (as in tests);
-* reads those namespaces' devices and finds the interface holding the IP. The node device whose peer is that
-  interface *in that nsid*, and which that interface names back as its peer, is the answer. Ifindexes repeat
-  across namespaces (every pod's ``eth0`` is 2), so the index alone could name another pod's device.
+* reads those namespaces' devices over netlink from inside them (``_netlink.links_in``: no subprocess) and finds
+  the interface holding the IP. The node device whose peer is that interface *in that nsid*, and which that
+  interface names back as its peer, is the answer. Ifindexes repeat across namespaces (every pod's ``eth0`` is
+  2), so the index alone could name another pod's device.
 
-The scan remembers which namespace (inode and the path it was found at) held which IPs. A request for an IP it
-knows reads only that namespace and the node's devices, and makes the same checks as a scan, so a cached answer
-is exactly as fresh as a scanned one; anything that does not check out (namespace gone, path now another
-namespace, IP moved, device recreated) falls back to a full scan, which replaces what was remembered. An IP not
-remembered always means a full scan, so a new pod is never reported missing because of the cache.
+A full scan costs ~28 ms on a node with 200 pods (docs/bench.md), so it remembers the path of the namespace
+that held each IP. A request for a remembered IP reads again only what its answer rests on: the node's addresses,
+that namespace's devices, and the one node device they name as peer (~1.3 ms), and makes the same checks as a
+scan, so a remembered answer is exactly as fresh as a scanned one (whatever namespace the path names by then).
+Anything that does not check out (namespace gone, IP moved, device recreated) falls back to a full scan, which
+replaces what was remembered. An IP not remembered always means a full scan, so a new pod is never reported
+missing because of what was remembered.
 
 The resolver is synchronous and thread-safe (the servicer calls it from worker threads): each call opens its own
 netlink socket and the remembered map is replaced whole, never changed in place.
@@ -32,7 +35,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
 from podcap.agent._errors import (
@@ -59,6 +62,7 @@ _BATCH = 64
 _IFNAMSIZ = 16
 
 _NetnsKey = tuple[int, int]
+_NodeLink = Callable[[int], Link | None]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -92,16 +96,8 @@ class Interface:
 
 
 @dataclass(frozen=True)
-class _Candidate:
-    """A namespace as found: where, and which namespace that path named then."""
-
-    path: str
-    key: _NetnsKey
-
-
-@dataclass(frozen=True)
 class _PodNetns:
-    candidate: _Candidate
+    path: str  # where the namespace was found
     nsid: int  # the id the node gave this namespace, as its devices' link_netnsid says
     links: list[Link]
 
@@ -133,7 +129,7 @@ class Resolver:
         self._node = node_name or socket.gethostname()
         self._proc_root = proc_root
         self._netns_dirs = tuple(netns_dirs)
-        self._seen: dict[IPAddress, _Candidate] = {}  # pod IP -> its namespace at the last full scan
+        self._seen: dict[IPAddress, str] = {}  # pod IP -> path of its namespace at the last full scan
 
     def resolve(self, ips: Sequence[str], pod_interface: str = "") -> Resolution:
         """The device on this node carrying the pod that holds any of ``ips`` (v4 or v6).
@@ -150,19 +146,22 @@ class Resolver:
         _check_interface_name(pod_interface)
         try:
             with RouteSocket() as rtnl:
-                own = {link.ifindex: link for link in rtnl.links()}
-                self._refuse_host_network(own, wanted)
+                self._refuse_host_network(rtnl, wanted)
                 remembered = self._seen
                 hinted = list(dict.fromkeys(remembered[ip] for ip in wanted if ip in remembered))
                 if hinted:
-                    found = _first_match(self._read(rtnl, own, hinted), wanted, own, pod_interface)
+                    # Read again exactly what the answer rests on: that namespace, and the node device its
+                    # interface names as peer (asked by ifindex: a node has hundreds of devices to list).
+                    found = _first_match(self._read(rtnl, hinted, None), wanted, rtnl.link, pod_interface)
                     if found is not None:
                         return replace(found, strategy=_CACHED)
-                scanned = self._read(rtnl, own, self._candidates())
+                own = {link.ifindex: link for link in rtnl.links()}
+                peer_nsids = {link.link_netnsid for link in own.values() if link.link_netnsid is not None}
+                scanned = self._read(rtnl, self._candidates(), peer_nsids)
         except OSError as exc:
             raise ResolveError(f"cannot read network namespaces on node {self._node}: {exc}") from exc
         self._seen = _remember(scanned)
-        found = _first_match(scanned, wanted, own, pod_interface)
+        found = _first_match(scanned, wanted, own.get, pod_interface)
         if found is None:
             raise PodNotOnNode(self._node, list(wanted.values()))
         return found
@@ -198,30 +197,32 @@ class Resolver:
         """The devices of this node's netns (the calling thread's), as ``list_interfaces()``."""
         return list_interfaces()
 
-    def _refuse_host_network(self, own: dict[int, Link], wanted: dict[IPAddress, str]) -> None:
-        for link in own.values():
-            for addr, _ in link.addresses:
+    def _refuse_host_network(self, rtnl: RouteSocket, wanted: dict[IPAddress, str]) -> None:
+        for ifindex, addresses in rtnl.addresses().items():
+            for addr, _ in addresses:
                 if addr in wanted:
-                    raise HostNetworkPod(self._node, wanted[addr], link.name)
+                    link = rtnl.link(ifindex)
+                    raise HostNetworkPod(
+                        self._node, wanted[addr], link.name if link else f"ifindex {ifindex}"
+                    )
 
-    def _read(
-        self, rtnl: RouteSocket, own: dict[int, Link], candidates: Iterable[_Candidate]
-    ) -> list[_PodNetns]:
-        """The devices of every candidate some node device points into, each read while its file is held open
-        (an open namespace stays alive, so its nsid cannot be handed to another namespace meanwhile)."""
-        peer_nsids = {link.link_netnsid for link in own.values() if link.link_netnsid is not None}
+    def _read(self, rtnl: RouteSocket, paths: Iterable[str], peer_nsids: set[int] | None) -> list[_PodNetns]:
+        """The devices of the namespaces at ``paths`` (with ``peer_nsids``: only those some node device points
+        into), each read while its file is held open (an open namespace stays alive, so its nsid cannot be
+        handed to another namespace meanwhile)."""
         out: list[_PodNetns] = []
-        batch: list[tuple[_Candidate, int, int]] = []  # candidate, open fd, nsid
+        batch: list[tuple[str, int, int]] = []  # path, open fd, nsid
         try:
-            for candidate in candidates:
-                fd = _open(candidate)
-                if fd is None:
-                    continue
+            for path in paths:
+                try:
+                    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                except OSError:
+                    continue  # the pod was deleted, or its process exited, since it was listed
                 keep = False
                 try:
                     nsid = _nsid(rtnl, fd)
-                    if nsid is not None and nsid in peer_nsids:
-                        batch.append((candidate, fd, nsid))
+                    if nsid is not None and (peer_nsids is None or nsid in peer_nsids):
+                        batch.append((path, fd, nsid))
                         keep = True
                 finally:
                     if not keep:
@@ -234,7 +235,7 @@ class Resolver:
                 os.close(fd)
         return out
 
-    def _candidates(self) -> Iterator[_Candidate]:
+    def _candidates(self) -> Iterator[str]:
         """Every network namespace visible here, each once, our own skipped."""
         seen = {_netns_key(_OWN_NETNS)}
         for path in self._paths():
@@ -244,7 +245,7 @@ class Resolver:
                 continue  # the process exited or the mount went away mid-scan
             if key not in seen:
                 seen.add(key)
-                yield _Candidate(path, key)
+                yield path
 
     def _paths(self) -> Iterator[str]:
         for directory in self._netns_dirs:
@@ -260,11 +261,11 @@ class Resolver:
         yield from (os.path.join(self._proc_root, str(pid), "ns", "net") for pid in pids)
 
 
-def _read_batch(batch: list[tuple[_Candidate, int, int]]) -> list[_PodNetns]:
+def _read_batch(batch: list[tuple[str, int, int]]) -> list[_PodNetns]:
     """Read the batch's namespaces, close their files and empty the batch."""
     try:
         contents = links_in([fd for _, fd, _ in batch])
-        return [_PodNetns(c, nsid, links) for (c, _, nsid), links in zip(batch, contents, strict=True)]
+        return [_PodNetns(path, nsid, links) for (path, _, nsid), links in zip(batch, contents, strict=True)]
     finally:
         for _, fd, _ in batch:
             os.close(fd)
@@ -272,18 +273,19 @@ def _read_batch(batch: list[tuple[_Candidate, int, int]]) -> list[_PodNetns]:
 
 
 def _first_match(
-    pods: list[_PodNetns], wanted: dict[IPAddress, str], own: dict[int, Link], pod_interface: str
+    pods: list[_PodNetns], wanted: dict[IPAddress, str], node_link: _NodeLink, pod_interface: str
 ) -> Resolution | None:
     for pod in pods:
-        found = _match(pod, wanted, own, pod_interface)
+        found = _match(pod, wanted, node_link, pod_interface)
         if found is not None:
             return found
     return None
 
 
 def _match(
-    pod: _PodNetns, wanted: dict[IPAddress, str], own: dict[int, Link], pod_interface: str
+    pod: _PodNetns, wanted: dict[IPAddress, str], node_link: _NodeLink, pod_interface: str
 ) -> Resolution | None:
+    """The resolution if ``pod`` holds a wanted IP; ``node_link`` gives the node's device by ifindex."""
     holder, hit = next(
         ((link, wanted[addr]) for link in pod.links for addr, _ in link.addresses if addr in wanted),
         (None, ""),
@@ -296,17 +298,17 @@ def _match(
         if named is None:
             raise UnknownPodInterface(pod_interface, hit, [link.name for link in pod.links])
         target = named
-    host = own.get(target.link_index) if target.link_index is not None else None
+    host = node_link(target.link_index) if target.link_index is not None else None
     if host is None or host.link_netnsid != pod.nsid or host.link_index != target.ifindex:
         where = f"pod IP {hit} is on" if target is holder else f"the pod holding {hit} has"
         raise ResolveError(
-            f"{where} {target.name} ({target.kind}) in {pod.candidate.path}, which is not paired with a "
+            f"{where} {target.name} ({target.kind}) in {pod.path}, which is not paired with a "
             "device of this node's netns: no host-side device carries only this pod's traffic"
         )
     return Resolution(
         interface=host.name,
         ifindex=host.ifindex,
-        netns=pod.candidate.path,
+        netns=pod.path,
         pod_interface=target.name,
         pod_ifindex=target.ifindex,
         pod_mac=target.mac,
@@ -314,28 +316,15 @@ def _match(
     )
 
 
-def _remember(pods: list[_PodNetns]) -> dict[IPAddress, _Candidate]:
+def _remember(pods: list[_PodNetns]) -> dict[IPAddress, str]:
     """Pod IP -> namespace, the first holder winning as in a scan; loopback and link-local are in every pod."""
-    seen: dict[IPAddress, _Candidate] = {}
+    seen: dict[IPAddress, str] = {}
     for pod in pods:
         for link in pod.links:
             for addr, _ in link.addresses:
                 if not (addr.is_loopback or addr.is_link_local):
-                    seen.setdefault(addr, pod.candidate)
+                    seen.setdefault(addr, pod.path)
     return seen
-
-
-def _open(candidate: _Candidate) -> int | None:
-    """An fd on the candidate's namespace, or None when the path is gone or names another namespace now."""
-    try:
-        fd = os.open(candidate.path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return None
-    st = os.fstat(fd)
-    if (st.st_dev, st.st_ino) != candidate.key:
-        os.close(fd)
-        return None
-    return fd
 
 
 def _nsid(rtnl: RouteSocket, fd: int) -> int | None:

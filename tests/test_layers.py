@@ -41,7 +41,6 @@ CONFINED = {
     "boto3": {"storage/_s3.py"},
     "botocore": {"storage/_s3.py"},
     "kubernetes": {"controller/_kube.py"},
-    "subprocess": {"capture-agent/_resolve.py"},
 }
 
 

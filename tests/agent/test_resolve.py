@@ -1,7 +1,9 @@
-"""Pod IP -> host-side device, against real namespaces and veths wired like Calico.
+"""Pod IP -> host-side device, against real namespaces and veths wired like Calico: the traps (ifindex
+collisions, namespaces linked to two nodes), what the resolver remembers between requests and why it is never
+stale, ``netns_alive``, and that resolving leaves nothing behind. Other CNIs: test_resolve_cni.py.
 
-The resolver runs the way the agent does: as a process inside a node's netns (``ip netns exec``), seeing every
-namespace on the machine, including the other node's pods.
+The resolver runs the way the agent does: as a process inside a node's netns (``ip netns exec``), or on a thread
+inside it (the agent's worker threads), seeing every namespace on the machine, including the other node's pods.
 """
 
 from __future__ import annotations
@@ -28,11 +30,12 @@ import dataclasses, json, sys
 from podcap.agent._errors import AgentError
 from podcap.agent._resolve import Resolver, list_interfaces
 node, kwargs, queries = json.loads(sys.argv[1])
+pod_interface = kwargs.pop("pod_interface", "")
 resolver = Resolver(node_name=node, **kwargs)
 results = []
 for ips in queries:
     try:
-        results.append({"ok": dataclasses.asdict(resolver.resolve(ips))})
+        results.append({"ok": dataclasses.asdict(resolver.resolve(ips, pod_interface=pod_interface))})
     except AgentError as exc:
         results.append({"error": type(exc).__name__, "message": str(exc)})
 interfaces = [dataclasses.asdict(i) for i in list_interfaces()]
@@ -111,6 +114,54 @@ def test_pod_of_another_node_is_not_on_node_despite_an_ifindex_collision(lab: La
         "error": "PodNotOnNode",
         "message": f"no network namespace on node node-2 holds pod IP {client.ip}, {client.ip6}",
     }
+
+
+@pytest.mark.netns
+def test_a_namespace_linked_to_two_nodes_never_borrows_the_other_nodes_device(lab: Lab) -> None:
+    """client's netns also gets a device pair with node-2 (as a secondary network might): node-2 now has an nsid
+    for it, and client's eth0 peer index still names server's cali device there. Index and back-pointer agree
+    (both eth0 are ifindex 2); only the nsid tells them apart."""
+    client, node2 = lab.pods["client"], lab.nodes["node-2"]
+    lab.run(
+        node2, ["ip", "link", "add", "trap", "type", "veth", "peer", "name", "net9", "netns", client.netns]
+    )
+    peer_index = _links(lab, client.netns)["eth0"]["link_index"]
+    assert _links(lab, node2.netns)[lab.pods["server"].host_if]["ifindex"] == peer_index
+    (result,) = _agent(lab, node2, [client.ip])["results"]
+    assert result["error"] == "ResolveError"
+    assert "not paired with a device of this node's netns" in result["message"]
+    (net9,) = _agent(lab, node2, [client.ip], pod_interface="net9")["results"]
+    assert net9["ok"]["interface"] == "trap"
+
+
+@pytest.mark.netns
+def test_a_node_device_paired_with_another_interface_of_the_pod_is_not_its_eth0s(lab: Lab) -> None:
+    """cart (node-1) gets a second pair with node-2 whose node-2 end has the very ifindex cart's eth0 names as
+    its peer. Index and nsid agree; only the back-pointer (the node device's peer is net9, not eth0) does not."""
+    cart, node2 = lab.add_pod("node-1", "shop", "cart", "10.251.1.11"), lab.nodes["node-2"]
+    peer_index = _links(lab, cart.netns)["eth0"]["link_index"]
+    assert peer_index not in {row["ifindex"] for row in _links(lab, node2.netns).values()}
+    lab.run(
+        node2,
+        [
+            "ip",
+            "link",
+            "add",
+            "trap",
+            "index",
+            str(peer_index),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "net9",
+            "netns",
+            cart.netns,
+        ],
+    )
+    (result,) = _agent(lab, node2, [cart.ip])["results"]
+    assert result["error"] == "ResolveError"
+    assert f"pod IP {cart.ip} is on eth0 (veth)" in result["message"]
 
 
 @pytest.mark.netns
@@ -271,8 +322,11 @@ def test_netns_alive_until_the_pod_is_deleted(lab: Lab, netns_dir: str | None) -
 def test_netns_alive_is_false_for_a_path_that_now_names_another_namespace(lab: Lab) -> None:
     node, client = lab.nodes["node-1"], lab.pods["client"]
     resolution = _in(node, lambda: Resolver().resolve([client.ip]))
-    # As if the PID in a /proc path had been reused by a process of another pod.
-    elsewhere = dataclasses.replace(resolution, netns=f"/run/netns/{lab.pods['server'].netns}")
+    # As if the PID in a /proc path had been reused by a process of another pod on this node, whose eth0 has
+    # the same index as client's.
+    neighbour = lab.add_pod("node-1", "shop", "neighbour", "10.251.1.14")
+    elsewhere = dataclasses.replace(resolution, netns=f"/run/netns/{neighbour.netns}")
+    assert _links(lab, neighbour.netns)["eth0"]["ifindex"] == resolution.pod_ifindex
     assert not _in(node, lambda: Resolver().netns_alive(elsewhere))
     assert not _in(
         node, lambda: Resolver().netns_alive(dataclasses.replace(resolution, netns="/nonexistent"))
