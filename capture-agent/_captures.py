@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import signal
+import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
@@ -32,6 +33,7 @@ from ._model import TERMINAL, CaptureSnapshot, CaptureSpec, JobState, Limits
 from ._pcapfile import count_pcap_packets
 from ._resolve import Interface, Resolution, Resolver
 from ._spool import Ended, Spool, SpoolEntry
+from ._summary import Summary, summarise
 from ._tcpdump import Tcpdump, TcpdumpStats, tcpdump_argv
 from ._upload import GrowingFileUploader, RetryPolicy
 
@@ -221,10 +223,16 @@ class CaptureManager:
 
     async def _finish_upload(self, job: CaptureJob, upload: asyncio.Task[StoredObject], failure: str) -> None:
         """Waits for the confirmed upload; only then is the capture done and its spool freed."""
-        stored = await upload
+        # tcpdump has exited, so the spooled pcap is final: summarise it while the upload finishes.
+        summary = asyncio.create_task(self._summarise(job.spool.pcap))
+        try:
+            stored = await upload
+        except BaseException:
+            summary.cancel()
+            raise
         size = stored.size
         state = JobState.FAILED if failure else JobState.COMPLETED
-        job.update(state=state, size=size, sha256=stored.sha256, error=failure)
+        job.update(state=state, size=size, sha256=stored.sha256, error=failure, summary=await summary)
         job.spool.remove()
         log.info(
             "capture %s: %s, %d bytes stored at %s",
@@ -233,6 +241,18 @@ class CaptureManager:
             size,
             job.snapshot.spec.object_key,
         )
+
+    async def _summarise(self, pcap: Path) -> Summary:
+        """What is inside the pcap; a summary that cannot be made never costs the capture."""
+        cancel = threading.Event()
+        try:
+            return await asyncio.to_thread(summarise, pcap, cancel=cancel)
+        except asyncio.CancelledError:
+            cancel.set()  # the worker thread cannot be cancelled, but its tsharks can
+            raise
+        except Exception as exc:  # a missing file after a crash, say: the pcap itself is what matters
+            log.warning("cannot summarise %s: %s", pcap, exc)
+            return Summary(error=f"no summary: {exc}")
 
     def _on_retry(self, job: CaptureJob) -> Callable[[int, Exception, float], None]:
         def report(attempt: int, exc: Exception, delay: float) -> None:

@@ -9,6 +9,7 @@ from datetime import datetime
 from typing import Any
 
 from ._resolve import Resolution
+from ._summary import Summary
 from ._tcpdump import TcpdumpStats
 
 
@@ -60,6 +61,7 @@ class CaptureSnapshot:
     error: str = ""
     started_at: datetime | None = None
     ended_at: datetime | None = None
+    summary: Summary | None = None
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from ._errors import (
 )
 from ._model import CaptureSnapshot, CaptureSpec, JobState
 from ._resolve import Interface, Resolution
+from ._summary import Summary
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -162,4 +163,32 @@ def _capture(s: CaptureSnapshot) -> agent_pb2.AgentCapture:
         error=s.error,
         start_time=_timestamp(s.started_at),
         end_time=_timestamp(s.ended_at),
+        summary=_summary(s.summary) if s.summary is not None else None,
+    )
+
+
+def _summary(summary: Summary) -> common_pb2.CaptureSummary:
+    return common_pb2.CaptureSummary(
+        packets=summary.packets,
+        bytes=summary.bytes,
+        first_packet_time=_timestamp(summary.first_packet_time),
+        last_packet_time=_timestamp(summary.last_packet_time),
+        protocols=[
+            common_pb2.ProtocolCount(protocol=p.protocol, frames=p.frames, bytes=p.bytes)
+            for p in summary.protocols
+        ],
+        conversations=[
+            common_pb2.Conversation(
+                protocol=c.protocol,
+                endpoint_a=c.endpoint_a,
+                endpoint_b=c.endpoint_b,
+                frames=c.frames,
+                bytes=c.bytes,
+            )
+            for c in summary.conversations
+        ],
+        tcp_resets=summary.tcp_resets,
+        tcp_retransmissions=summary.tcp_retransmissions,
+        dns_errors=summary.dns_errors,
+        error=summary.error,
     )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
 
@@ -86,7 +86,16 @@ class Connection:
         except grpc.aio.AioRpcError as exc:
             raise _error(exc) from exc
 
-    async def list(self, namespace: str, pod: str, state: str, limit: int) -> list[capture_pb2.Capture]:
+    async def list(
+        self,
+        namespace: str,
+        pod: str,
+        state: str,
+        limit: int,
+        requester: str = "",
+        since: timedelta | None = None,
+    ) -> list[capture_pb2.Capture]:
+        """Newest first, following next_page_token until `limit` captures are in hand."""
         state_value = 0
         if state:
             try:
@@ -98,12 +107,21 @@ class Connection:
             pod=pod,
             state=state_value,  # type: ignore[arg-type]
             page_size=min(limit, 500),
+            requester=requester,
         )
-        try:
-            response = await self._stub.ListCaptures(request, timeout=_CALL_TIMEOUT_S)
-        except grpc.aio.AioRpcError as exc:
-            raise _error(exc) from exc
-        return list(response.captures)[:limit]
+        if since is not None:
+            request.created_after.FromDatetime(datetime.now(UTC) - since)
+        captures: list[capture_pb2.Capture] = []
+        while len(captures) < limit:
+            try:
+                response = await self._stub.ListCaptures(request, timeout=_CALL_TIMEOUT_S)
+            except grpc.aio.AioRpcError as exc:
+                raise _error(exc) from exc
+            captures.extend(response.captures)
+            if not response.next_page_token:
+                break
+            request.page_token = response.next_page_token
+        return captures[:limit]
 
     async def wait(self, capture_id: str, progress: bool) -> capture_pb2.Capture:
         """Follows the capture until it ends, printing each state change to stderr when asked."""
@@ -124,6 +142,14 @@ class Connection:
         try:
             return await self._stub.StopCapture(
                 capture_pb2.StopCaptureRequest(id=capture_id), timeout=_CALL_TIMEOUT_S
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise _error(exc) from exc
+
+    async def delete(self, capture_id: str) -> None:
+        try:
+            await self._stub.DeleteCapture(
+                capture_pb2.DeleteCaptureRequest(id=capture_id), timeout=_CALL_TIMEOUT_S
             )
         except grpc.aio.AioRpcError as exc:
             raise _error(exc) from exc

@@ -96,6 +96,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--namespace", default="")
     p.add_argument("--pod", default="")
     p.add_argument("--state", default="", help="PENDING, RUNNING, UPLOADING, COMPLETED, FAILED or CANCELLED")
+    p.add_argument("--requester", default="", help="only captures this caller created")
+    p.add_argument("--since", type=parse_duration, help="only captures created within this long, e.g. 2h")
     p.add_argument("--limit", type=int, default=50)
     p = client("download", "save a completed capture's pcap")
     p.add_argument("id")
@@ -111,6 +113,8 @@ def _parser() -> argparse.ArgumentParser:
     p = client("url", "print a short-lived download URL for a completed capture")
     p.add_argument("id")
     p.add_argument("--target", type=int, default=0)
+    p = client("delete", "remove a finished capture's pcaps (its record is kept, marked deleted)")
+    p.add_argument("id")
     p = client("stop", "end a running capture early (what was captured is kept)")
     p.add_argument("id")
     p.add_argument("--wait", action="store_true", help="wait until the pcap is stored")
@@ -127,6 +131,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--agent-port", type=int, default=7443)
     p.add_argument("--max-duration", type=parse_duration, default=timedelta(hours=1))
     p.add_argument("--download-url-ttl", type=parse_duration, default=timedelta(minutes=5))
+    p.add_argument(
+        "--lease-ttl",
+        type=parse_duration,
+        default=timedelta(seconds=15),
+        help="how long another replica waits before following a silent replica's captures",
+    )
+    p.add_argument(
+        "--replica-id", default="", help="this replica's name in leases (default: host-pid-random)"
+    )
 
     p = sub.add_parser("agent", help="run the capture agent of one node")
     p.add_argument("--node-name", required=True)
@@ -204,11 +217,17 @@ async def _client_command(args: argparse.Namespace) -> int:
         if args.command == "get":
             print_capture(await conn.get(args.id), json_output)
         elif args.command == "list":
-            print_captures(await conn.list(args.namespace, args.pod, args.state, args.limit), json_output)
+            captures = await conn.list(
+                args.namespace, args.pod, args.state, args.limit, args.requester, args.since
+            )
+            print_captures(captures, json_output)
         elif args.command == "download":
             await download(conn, await conn.get(args.id), args.file, args.target, args.all, args.merge)
         elif args.command == "url":
             print(await conn.download_url(args.id, args.target))
+        elif args.command == "delete":
+            await conn.delete(args.id)
+            print(f"deleted capture {args.id}", file=sys.stderr)
         elif args.command == "stop":
             capture = await conn.stop(args.id)
             if args.wait:
@@ -241,7 +260,10 @@ def _run_controller(args: argparse.Namespace) -> int:
         agent_namespace=args.agent_namespace,
         agent_port=args.agent_port,
         captures=CaptureSettings(
-            caps=CaptureLimitsCaps(max_duration=args.max_duration), download_url_ttl=args.download_url_ttl
+            caps=CaptureLimitsCaps(max_duration=args.max_duration),
+            download_url_ttl=args.download_url_ttl,
+            lease_ttl=args.lease_ttl,
+            **({"replica_id": args.replica_id} if args.replica_id else {}),
         ),
     )
     asyncio.run(serve(settings))

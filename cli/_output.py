@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from google.protobuf import json_format
+
 from podcap.api.v1 import capture_pb2, common_pb2
 
 
@@ -37,6 +39,7 @@ def _target(t: capture_pb2.CaptureTarget) -> dict[str, Any]:
         "error": t.error,
         "started": _time(t, "start_time"),
         "ended": _time(t, "end_time"),
+        "summary": json_format.MessageToDict(t.summary) if t.HasField("summary") else None,
     }
 
 
@@ -65,6 +68,10 @@ def capture_dict(c: capture_pb2.Capture) -> dict[str, Any]:
         "ended": _time(c, "end_time"),
         "error": c.error,
         "targets": targets,
+        "history": [
+            {"state": _state(h.state), "time": h.time.ToJsonString(), "pod": h.pod, "detail": h.detail}
+            for h in c.history
+        ],
     }
 
 
@@ -96,6 +103,11 @@ def print_capture(capture: capture_pb2.Capture, as_json: bool) -> None:
             print(f"      sha256 {t['sha256']}  ({t['object_key']})")
         if t["error"]:
             print(f"      error: {t['error']}")
+        if t["summary"]:
+            _print_summary(t["summary"])
+    for h in view["history"]:
+        where = h["pod"] or "capture"
+        print(f"  {h['time']}  {where}: {h['state']}" + (f" ({h['detail']})" if h["detail"] else ""))
 
 
 def print_captures(captures: list[capture_pb2.Capture], as_json: bool) -> None:
@@ -107,3 +119,23 @@ def print_captures(captures: list[capture_pb2.Capture], as_json: bool) -> None:
     for v in views:
         pod = f"{v['namespace']}/{v['pod'] or v['label_selector']}"
         print(f"{v['id']:32}  {v['state']:9}  {pod[:40]:40}  {v['packets']:>8}  {v['created']}")
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    """What is inside, in a few lines: the protocol mix, the busiest conversations and the trouble signs."""
+    span = f"{summary.get('firstPacketTime', '?')} .. {summary.get('lastPacketTime', '?')}"
+    print(f"      inside: {summary.get('packets', 0)} packets, {summary.get('bytes', 0)} bytes, {span}")
+    trouble = {k: summary.get(k, 0) for k in ("tcpResets", "tcpRetransmissions", "dnsErrors")}
+    print(
+        "      tcp resets {tcpResets}, tcp retransmissions {tcpRetransmissions}, dns errors {dnsErrors}".format(
+            **trouble
+        )
+    )
+    for proto in summary.get("protocols", [])[:8]:
+        print(f"        {proto['protocol']}: {proto.get('frames', 0)} frames")
+    for conv in summary.get("conversations", [])[:5]:
+        print(
+            f"        {conv['protocol']} {conv['endpointA']} <-> {conv['endpointB']}: {conv.get('bytes', 0)} bytes"
+        )
+    if summary.get("error"):
+        print(f"      summary incomplete: {summary['error']}")

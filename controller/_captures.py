@@ -13,14 +13,18 @@ import base64
 import contextlib
 import json
 import logging
+import os
+import socket
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
+from google.protobuf import json_format
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, object_session, sessionmaker
 
 from podcap.api.v1 import agent_pb2, common_pb2
 from podcap.storage import (
@@ -28,7 +32,10 @@ from podcap.storage import (
     CaptureRepository,
     CaptureRow,
     CaptureState,
+    Claim,
+    EventRow,
     ObjectStore,
+    TargetLeases,
     TargetRow,
 )
 
@@ -88,6 +95,11 @@ class Page:
 class CaptureSettings:
     caps: CaptureLimitsCaps = field(default_factory=CaptureLimitsCaps)
     download_url_ttl: timedelta = timedelta(minutes=5)
+    # Each replica follows the targets it holds a lease on; a dead replica's leases expire and others take over.
+    replica_id: str = field(
+        default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    )
+    lease_ttl: timedelta = timedelta(seconds=15)
     agent_lost_after: timedelta = timedelta(seconds=60)
 
 
@@ -120,7 +132,8 @@ class Captures:
         self._store = store
         self._settings = settings
         self._changes = _Changes()
-        self._followers: set[asyncio.Task[None]] = set()
+        self._following: dict[tuple[str, int], asyncio.Task[None]] = {}
+        self._reconciler: asyncio.Task[None] | None = None
 
     async def _tx(self, work: Callable[[CaptureRepository], T]) -> T:
         """Runs `work` in one transaction, in a worker thread (the DB driver blocks)."""
@@ -147,8 +160,18 @@ class Captures:
             )
         )
         row = _new_row(request, requester, pods, addresses)
+        for target in row.targets:
+            target.lease_owner = self._settings.replica_id
+            target.lease_expires_at = row.created_at + self._settings.lease_ttl
+
+        def insert(session: Session) -> None:
+            session.add(row)
+            session.flush()  # the capture row before the history rows that refer to it
+            for target in [None, *row.targets]:
+                _event(row, target, CaptureState.PENDING, row.created_at)
+
         try:
-            await self._tx(lambda repo: repo.add(row))
+            await self._session(insert)
         except IntegrityError:
             # A concurrent retry with the same request_id won the insert: answer with its capture.
             existing = await self._tx(lambda repo: repo.find_by_request(requester, request.request_id))
@@ -219,15 +242,62 @@ class Captures:
         row = await self._tx(lambda repo: repo.get(capture_id))
         if row is None:
             raise CaptureNotFound(f"capture {capture_id!r} not found")
+        if row.deleted_at is not None:
+            raise CaptureNotFound(
+                f"capture {capture_id!r} was deleted at {row.deleted_at:%Y-%m-%d %H:%M:%S}Z"
+            )
         return row
 
+    async def history(self, capture_id: str) -> list[EventRow]:
+        """Every transition of the capture and its targets, oldest first."""
+        query = select(EventRow).where(EventRow.capture_id == capture_id).order_by(EventRow.id)
+        return await self._session(lambda session: list(session.scalars(query)))
+
+    async def delete(self, capture_id: str, requester: str) -> None:
+        """Removes the capture's objects and marks its row deleted (kept for the audit trail)."""
+        row = await self.get(capture_id)
+        if row.state not in TERMINAL_STATES:
+            raise WrongState(f"capture {capture_id} is {row.state.value}; stop it before deleting it")
+        for target in row.targets:
+            if target.object_key:
+                await asyncio.to_thread(self._store.delete, target.object_key)
+
+        def mark(repo: CaptureRepository) -> None:
+            locked = repo.get_for_update(capture_id)
+            if locked is None or locked.deleted_at is not None:
+                return
+            now = datetime.now(UTC)
+            locked.deleted_at, locked.updated_at = now, now
+            _event(locked, None, locked.state, now, f"deleted by {requester}; its pcaps were removed")
+
+        await self._tx(mark)
+        self._changes.notify(capture_id)
+
     async def page(
-        self, namespace: str, pod: str, state: CaptureState | None, page_size: int, page_token: str
+        self,
+        namespace: str,
+        pod: str,
+        state: CaptureState | None,
+        page_size: int,
+        page_token: str,
+        *,
+        requester: str = "",
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
     ) -> Page:
         size = min(max(page_size, 1), 500) if page_size else 50
         after = _decode_token(page_token) if page_token else None
         rows = await self._tx(
-            lambda repo: repo.list(namespace=namespace, pod=pod, state=state, limit=size + 1, after=after)
+            lambda repo: repo.list(
+                namespace=namespace,
+                pod=pod,
+                state=state,
+                limit=size + 1,
+                after=after,
+                requester=requester,
+                created_after=created_after,
+                created_before=created_before,
+            )
         )
         more = len(rows) > size
         rows = rows[:size]
@@ -289,25 +359,71 @@ class Captures:
             if close is not None:
                 await asyncio.to_thread(close)
 
-    async def resume(self) -> None:
-        """Follows again every capture left non-terminal by an earlier run of the controller."""
-        rows = await self._tx(lambda repo: repo.non_terminal())
-        for row in rows:
-            for target in row.targets:
-                if target.state not in TERMINAL_STATES:
-                    self._follow(row.id, target.index, target.agent_address)
+    async def start(self) -> None:
+        """Starts the reconciler: it follows every non-terminal target that no live replica follows."""
+        await self._reconcile_once()
+        self._reconciler = asyncio.create_task(self._reconcile(), name="reconciler")
+
+    async def _reconcile(self) -> None:
+        period = self._settings.lease_ttl.total_seconds() / 3
+        while True:
+            await asyncio.sleep(period)
+            try:
+                await self._reconcile_once()
+            except Exception:
+                log.exception("reconciling failed; trying again in %.1fs", period)
+
+    async def _reconcile_once(self) -> None:
+        """Renews this replica's leases, drops followers whose lease another replica took, claims free targets."""
+        me, ttl = self._settings.replica_id, self._settings.lease_ttl
+
+        def work(session: Session) -> tuple[set[tuple[str, int]], list[Claim]]:
+            now = datetime.now(UTC)
+            leases = TargetLeases(session)
+            held = leases.renew(me, now + ttl)
+            claimed = [
+                c
+                for c in leases.claimable(me, now)
+                if leases.claim(c.capture_id, c.index, me, now + ttl, now)
+            ]
+            return held, claimed
+
+        held, claimed = await self._session(work)
+        for key, task in list(self._following.items()):
+            if key not in held and not any((c.capture_id, c.index) == key for c in claimed):
+                task.cancel()
+        for claim in claimed:
+            log.info("following capture %s target %d (lease taken)", claim.capture_id, claim.index)
+            self._follow(claim.capture_id, claim.index, claim.agent_address)
 
     async def close(self) -> None:
-        for task in list(self._followers):
+        """Stops following and hands this replica's leases over at once."""
+        if self._reconciler is not None:
+            self._reconciler.cancel()
+            await asyncio.gather(self._reconciler, return_exceptions=True)
+        tasks = list(self._following.values())
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._followers, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
+        me = self._settings.replica_id
+        await self._session(lambda session: TargetLeases(session).release(me, datetime.now(UTC)))
+
+    async def _session(self, work: Callable[[Session], T]) -> T:
+        def run() -> T:
+            with self._sessions.begin() as session:
+                return work(session)
+
+        return await asyncio.to_thread(run)
 
     def _follow(self, capture_id: str, index: int, address: str) -> None:
+        key = (capture_id, index)
+        if key in self._following and not self._following[key].done():
+            return
         task = asyncio.create_task(
             self._follow_target(capture_id, index, address), name=f"follow-{capture_id}"
         )
-        self._followers.add(task)
-        task.add_done_callback(self._followers.discard)
+        self._following[key] = task
+        task.add_done_callback(lambda _: self._following.pop(key, None))
 
     async def _follow_target(self, capture_id: str, index: int, address: str) -> None:
         """Mirrors the agent's reports into SQL until the target is terminal; gives up on a lost agent."""
@@ -346,7 +462,10 @@ class Captures:
             if target.state in TERMINAL_STATES:
                 return True
             now = datetime.now(UTC)
-            target.state = _AGENT_STATES.get(report.state, target.state)
+            state = _AGENT_STATES.get(report.state, target.state)
+            if state != target.state:
+                _event(row, target, state, now, report.error if state in TERMINAL_STATES else "")
+            target.state = state
             target.interface = report.resolution.interface or target.interface
             target.packets = report.stats.packets
             target.packets_received = report.stats.packets_received
@@ -354,6 +473,8 @@ class Captures:
             target.bytes = report.stats.bytes
             target.sha256 = report.sha256
             target.error = report.error
+            if report.HasField("summary"):
+                target.summary = json_format.MessageToJson(report.summary, indent=None)
             if report.HasField("start_time"):
                 target.started_at = report.start_time.ToDatetime(UTC)
             if target.state in TERMINAL_STATES:
@@ -373,14 +494,34 @@ class Captures:
             now = datetime.now(UTC)
             target = row.targets[index]
             target.state, target.error, target.ended_at = CaptureState.FAILED, error, now
+            _event(row, target, CaptureState.FAILED, now, error)
             _roll_up(row, now)
 
         await self._tx(write)
         self._changes.notify(capture_id)
 
 
+def _event(
+    row: CaptureRow, target: TargetRow | None, state: CaptureState, at: datetime, detail: str = ""
+) -> None:
+    """Appends one transition to the capture's history, in the transaction that makes it."""
+    event = EventRow(
+        capture_id=row.id,
+        target_index=None if target is None else target.index,
+        state=state,
+        at=at,
+        detail=detail,
+    )
+    session = object_session(row)
+    assert session is not None, "history is written in the transaction of the change"
+    session.add(event)
+
+
 def _roll_up(row: CaptureRow, now: datetime) -> None:
-    row.state = roll_up([t.state for t in row.targets])
+    state = roll_up([t.state for t in row.targets])
+    if state != row.state:
+        _event(row, None, state, now)
+    row.state = state
     row.updated_at = now
     starts = [t.started_at for t in row.targets if t.started_at is not None]
     if starts and row.started_at is None:
@@ -507,6 +648,9 @@ def _encode_token(row: CaptureRow) -> str:
 def _decode_token(token: str) -> tuple[datetime, str]:
     try:
         created, capture_id = base64.urlsafe_b64decode(token.encode()).decode().split("|", 1)
-        return datetime.fromisoformat(created), capture_id
+        when = datetime.fromisoformat(created)
     except (ValueError, UnicodeError) as exc:
         raise InvalidRequest("page_token is not one this server issued") from exc
+    if when.tzinfo is None:
+        raise InvalidRequest("page_token is not one this server issued")
+    return when, capture_id

@@ -4,6 +4,7 @@ CaptureService and grpc.health.v1, and resumes following every capture an earlie
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 from dataclasses import dataclass, field
@@ -76,9 +77,12 @@ async def serve(settings: ControllerSettings, started: asyncio.Event | None = No
     if server.add_insecure_port(settings.listen) == 0:
         raise OSError(f"cannot listen on {settings.listen}")
     await server.start()
-    await captures.resume()
+    await captures.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    # Everything built so far lives as long as the process: keep it out of the collector's full passes, which
+    # otherwise cost tens of milliseconds each on a loaded node (see docs/bench.md, ListCaptures).
+    gc.freeze()
     log.info("controller listening on %s", settings.listen)
     if started is not None:
         started.set()

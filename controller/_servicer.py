@@ -6,10 +6,11 @@ The table `ERRORS` is the one place where the controller's exceptions become gRP
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import grpc
+from google.protobuf import json_format
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -89,7 +90,19 @@ class CaptureServicer(capture_pb2_grpc.CaptureServiceServicer):
     async def GetCapture(
         self, request: capture_pb2.GetCaptureRequest, context: Context
     ) -> capture_pb2.Capture:
-        return capture_message(await self._captures.get(request.id))
+        row = await self._captures.get(request.id)
+        message = capture_message(row)
+        for event in await self._captures.history(request.id):
+            target = None if event.target_index is None else row.targets[event.target_index]
+            message.history.append(
+                capture_pb2.StateChange(
+                    state=_STATES[event.state],
+                    time=_timestamp(event.at),
+                    pod=f"{target.namespace}/{target.pod}" if target is not None else "",
+                    detail=event.detail,
+                )
+            )
+        return message
 
     @maps_errors(ERRORS)
     async def ListCaptures(
@@ -97,12 +110,23 @@ class CaptureServicer(capture_pb2_grpc.CaptureServiceServicer):
     ) -> capture_pb2.ListCapturesResponse:
         if request.state and request.state not in _FROM_PROTO:
             raise InvalidRequest(f"unknown state {request.state}")
+        created_after = (
+            request.created_after.ToDatetime(tzinfo=UTC) if request.HasField("created_after") else None
+        )
+        created_before = (
+            request.created_before.ToDatetime(tzinfo=UTC) if request.HasField("created_before") else None
+        )
+        if created_after and created_before and created_after > created_before:
+            raise InvalidRequest("created_after is later than created_before")
         page = await self._captures.page(
             namespace=request.namespace,
             pod=request.pod,
             state=_FROM_PROTO.get(request.state),
             page_size=request.page_size,
             page_token=request.page_token,
+            requester=request.requester,
+            created_after=created_after,
+            created_before=created_before,
         )
         return capture_pb2.ListCapturesResponse(
             captures=[capture_message(row) for row in page.captures], next_page_token=page.next_token
@@ -137,11 +161,12 @@ class CaptureServicer(capture_pb2_grpc.CaptureServiceServicer):
         async for chunk in self._captures.download(request.id, request.target):
             yield capture_pb2.DownloadChunk(data=chunk)
 
+    @maps_errors(ERRORS)
     async def DeleteCapture(
         self, request: capture_pb2.DeleteCaptureRequest, context: Context
     ) -> capture_pb2.DeleteCaptureResponse:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "DeleteCapture is not served yet")
-        raise AssertionError("unreachable: context.abort raises")
+        await self._captures.delete(request.id, requester=ANONYMOUS)
+        return capture_pb2.DeleteCaptureResponse()
 
 
 def _timedelta(duration: Duration) -> timedelta:
@@ -175,6 +200,7 @@ def _target_message(target: TargetRow) -> capture_pb2.CaptureTarget:
         error=target.error,
         start_time=_timestamp(target.started_at),
         end_time=_timestamp(target.ended_at),
+        summary=json_format.Parse(target.summary, common_pb2.CaptureSummary()) if target.summary else None,
     )
 
 

@@ -5,7 +5,8 @@ It knows nothing of the controller or the agent; both reach their data through t
 
 from ._db import create_engine_for, make_sessionmaker, migrate
 from ._errors import DatabaseUnavailable, ObjectNotFound, StorageError, StoreUnavailable
-from ._models import TERMINAL_STATES, Base, CaptureRow, CaptureState, TargetRow, is_terminal
+from ._leases import Claim, TargetLeases
+from ._models import TERMINAL_STATES, Base, CaptureRow, CaptureState, EventRow, TargetRow, is_terminal
 from ._objectstore import ObjectStore, StoredObject, Upload, open_store
 from ._repository import CaptureRepository
 
@@ -15,12 +16,15 @@ __all__ = [
     "CaptureRepository",
     "CaptureRow",
     "CaptureState",
+    "Claim",
     "DatabaseUnavailable",
+    "EventRow",
     "ObjectNotFound",
     "ObjectStore",
     "StorageError",
     "StoreUnavailable",
     "StoredObject",
+    "TargetLeases",
     "TargetRow",
     "Upload",
     "create_engine_for",

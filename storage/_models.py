@@ -36,6 +36,7 @@ __all__ = [
     "Base",
     "CaptureRow",
     "CaptureState",
+    "EventRow",
     "TargetRow",
     "UTCDateTime",
     "is_terminal",
@@ -140,9 +141,12 @@ class CaptureRow(Base):
     __tablename__ = "captures"
     __table_args__ = (
         UniqueConstraint("requester", "request_id"),  # idempotent CreateCapture per caller
-        Index(None, "namespace", "created_at"),  # ListCaptures filtered by namespace
-        Index(None, "state"),  # the reconciler's non-terminal scan
-        Index(None, "created_at", "id"),  # keyset pagination, newest first
+        # ListCaptures pages newest first on (created_at, id): each filter gets an index that starts with its
+        # column and ends in the keyset, so a page is one backward range scan at any depth (migration 0003).
+        Index(None, "created_at", "id"),  # no filter, or only a time range
+        Index(None, "namespace", "created_at", "id"),
+        Index(None, "state", "created_at", "id"),
+        Index(None, "requester", "created_at", "id"),
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
@@ -165,6 +169,7 @@ class CaptureRow(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
     # ordering_list keeps TargetRow.index equal to the target's position, so callers just append.
     targets: Mapped[list["TargetRow"]] = relationship(
@@ -183,6 +188,10 @@ class TargetRow(Base):
     """One pod of a capture: where it was captured, what came of it, and where its pcap is stored."""
 
     __tablename__ = "capture_targets"
+    __table_args__ = (
+        # ListCaptures by pod: the semi-join finds a pod's captures here, or probes it per capture.
+        Index(None, "pod", "capture_id"),
+    )
 
     capture_id: Mapped[str] = mapped_column(
         String(32), ForeignKey("captures.id", ondelete="CASCADE"), primary_key=True
@@ -206,6 +215,26 @@ class TargetRow(Base):
     pod_context: Mapped[str] = _text()  # JSON of the pod's phase and containers, written by the controller
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # The controller replica following this target until the lease expires (several replicas share one DB).
+    lease_owner: Mapped[str] = _text(String(128))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    summary: Mapped[str] = _text()  # JSON (protobuf JSON of CaptureSummary) of what is inside the pcap
 
     def __repr__(self) -> str:
         return f"<TargetRow {self.capture_id}[{self.index}] {self.namespace}/{self.pod} {self.state}>"
+
+
+class EventRow(Base):
+    """One state transition of a capture (target_index None) or of one of its targets, in the order written."""
+
+    __tablename__ = "capture_events"
+    __table_args__ = (Index(None, "capture_id", "id"),)
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True
+    )
+    capture_id: Mapped[str] = mapped_column(String(32), ForeignKey("captures.id", ondelete="CASCADE"))
+    target_index: Mapped[int | None] = mapped_column(Integer)
+    state: Mapped[CaptureState] = _state_column()
+    at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    detail: Mapped[str] = _text()

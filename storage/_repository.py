@@ -7,7 +7,7 @@ session:``), so several repository calls and the state change they lead to commi
 import builtins
 from datetime import datetime
 
-from sqlalchemy import and_, delete, or_, select
+from sqlalchemy import delete, select, tuple_
 from sqlalchemy.orm import Session
 
 from ._models import TERMINAL_STATES, CaptureRow, CaptureState, TargetRow
@@ -47,28 +47,46 @@ class CaptureRepository:
         state: CaptureState | None = None,
         limit: int = 50,
         after: tuple[datetime, str] | None = None,
+        *,
+        requester: str = "",
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
     ) -> builtins.list[CaptureRow]:
-        """Captures newest first; ``after`` is the (created_at, id) of the last row of the previous page.
+        """Captures newest first, filtered; ``after`` is the (created_at, id) of the last row of the previous page.
 
-        Keyset pagination rather than OFFSET: pages stay consistent while captures are being created, and each
-        page is an index range scan on (created_at, id). ``pod`` matches the pod asked for or any pod captured
-        (a label-selector capture names its pods only in its targets).
+        Empty filters match everything; ``created_after``/``created_before`` select created_at in the half-open
+        range [after, before), so consecutive ranges neither overlap nor leave gaps. ``pod`` matches every
+        capture that captured that pod (any of its targets): a label-selector capture names its pods only in its
+        targets, and a capture for one pod always has that pod as its target.
+
+        Keyset pagination rather than OFFSET: pages stay consistent while captures are being created, and every
+        page is one backward range scan of an index that ends in (created_at, id) and starts with the filtered
+        column (see migration 0003 for which index serves which filter), whatever the depth of the page.
         """
-        query = select(CaptureRow)
+        # A deleted capture's row stays for the audit trail but is no longer listed.
+        query = select(CaptureRow).where(CaptureRow.deleted_at.is_(None))
         if namespace:
             query = query.where(CaptureRow.namespace == namespace)
         if pod:
-            query = query.where(or_(CaptureRow.pod == pod, CaptureRow.targets.any(TargetRow.pod == pod)))
+            # Targets only, not ``captures.pod = :pod OR ...``: an OR with a subquery can use no index and reads
+            # every capture (of the namespace) when the pod is rare. As ``id IN (SELECT ...)`` rather than an
+            # EXISTS: PostgreSQL plans both as the same semi-join on ix_capture_targets_pod_capture_id, started
+            # from the index for a rare pod or probing it newest first for a common one, but SQLite runs an EXISTS
+            # as a probe per capture and only starts from the index for IN.
+            query = query.where(CaptureRow.id.in_(select(TargetRow.capture_id).where(TargetRow.pod == pod)))
         if state is not None:
             query = query.where(CaptureRow.state == state)
+        if requester:
+            query = query.where(CaptureRow.requester == requester)
+        if created_after is not None:
+            query = query.where(CaptureRow.created_at >= created_after)
+        if created_before is not None:
+            query = query.where(CaptureRow.created_at < created_before)
         if after is not None:
-            created_at, capture_id = after
-            query = query.where(
-                or_(
-                    CaptureRow.created_at < created_at,
-                    and_(CaptureRow.created_at == created_at, CaptureRow.id < capture_id),
-                )
-            )
+            # A row-value comparison is one index range condition on PostgreSQL and SQLite alike; the equivalent
+            # ``created_at < :c OR (created_at = :c AND id < :i)`` is only a filter, so a deep page re-read
+            # every newer row first (48 ms at 100,000 captures instead of 0.1 ms).
+            query = query.where(tuple_(CaptureRow.created_at, CaptureRow.id) < after)
         query = query.order_by(CaptureRow.created_at.desc(), CaptureRow.id.desc()).limit(limit)
         return builtins.list(self.session.scalars(query))
 

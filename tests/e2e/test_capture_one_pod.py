@@ -140,13 +140,53 @@ def test_capture_of_one_pod_holds_exactly_its_filtered_traffic(stack: Stack, tmp
     # What the engineer sees afterwards: the capture in the list, in detail, and behind a short-lived URL.
     listed = json.loads(_cli(stack, "list", "-n", "shop", "-o", "json"))
     assert [c["id"] for c in listed] == [shown["id"]]
-    assert json.loads(_cli(stack, "get", shown["id"], "-o", "json")) == shown
+    detail = json.loads(_cli(stack, "get", shown["id"], "-o", "json"))
+    history = detail.pop("history")
+    # What is inside, summarised on the node from the stored pcap (protobuf JSON: 64-bit numbers are strings).
+    summary = detail["targets"][0]["summary"]
+    assert int(summary["packets"]) == len(packets)
+    assert any(p["protocol"].endswith(":tcp") for p in summary["protocols"])
+    assert {
+        summary["conversations"][0]["endpointA"].rsplit(":", 1)[0],
+        summary["conversations"][0]["endpointB"].rsplit(":", 1)[0],
+    } == {client.ip, server.ip}
+    assert int(summary.get("tcpResets", 0)) == 0 and not summary.get("error")
+    assert shown.pop("history") == []  # snapshots from WatchCapture carry no history; GetCapture does
+    assert detail == shown
+    # Every transition once, in order, for the capture and for its one pod.
+    assert [h["state"] for h in history if not h["pod"]] == ["PENDING", "RUNNING", "UPLOADING", "COMPLETED"]
+    assert [h["state"] for h in history if h["pod"] == "shop/server"] == [
+        "PENDING",
+        "RUNNING",
+        "UPLOADING",
+        "COMPLETED",
+    ]
     url = _cli(stack, "url", shown["id"]).strip()
     with urllib.request.urlopen(url, timeout=10) as response:
         assert response.read() == data
     again = tmp_path / "again.pcap"
     _cli(stack, "download", shown["id"], "-f", str(again))
     assert again.read_bytes() == data
+
+    # Deleting removes the pcap from the store and the capture from view; its row stays, marked.
+    _cli(stack, "delete", shown["id"])
+    gone = subprocess.run(
+        [PODCAP, "get", shown["id"]],
+        env={**os.environ, "PODCAP_SERVER": stack.server},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert gone.returncode != 0 and "NOT_FOUND" in gone.stderr and "was deleted" in gone.stderr
+    assert json.loads(_cli(stack, "list", "-n", "shop", "-o", "json")) == []
+    if stack.s3_bucket is not None:
+        s3 = boto3.client(
+            "s3", endpoint_url=stack.s3_env["AWS_ENDPOINT_URL_S3"], **aws_credentials(stack.s3_env)
+        )
+        assert s3.list_objects_v2(Bucket=stack.s3_bucket).get("KeyCount", 0) == 0
+    else:
+        assert not (Path(stack.store_url.removeprefix("file://")) / row.object_key).exists()
 
 
 def test_stop_ends_a_long_capture_early_and_keeps_what_was_captured(stack: Stack, tmp_path: Path) -> None:

@@ -109,12 +109,26 @@ class ListCapturesRequest(_message.Message):
     STATE_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    REQUESTER_FIELD_NUMBER: _builtins.int
+    CREATED_AFTER_FIELD_NUMBER: _builtins.int
+    CREATED_BEFORE_FIELD_NUMBER: _builtins.int
     namespace: _builtins.str
     """Filters; an empty one matches everything."""
     pod: _builtins.str
+    """Matches every capture that captured this pod (any target), label-selector captures included."""
     state: _common_pb2.CaptureState.ValueType
     page_size: _builtins.int
+    """At most 500; 0 means 50."""
     page_token: _builtins.str
+    """next_page_token of the previous page."""
+    requester: _builtins.str
+    """The caller who created the capture, exactly."""
+    @_builtins.property
+    def created_after(self) -> _timestamp_pb2.Timestamp:
+        """Created in [created_after, created_before); either may be unset."""
+
+    @_builtins.property
+    def created_before(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
         self,
         *,
@@ -123,10 +137,13 @@ class ListCapturesRequest(_message.Message):
         state: _common_pb2.CaptureState.ValueType = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        requester: _builtins.str = ...,
+        created_after: _timestamp_pb2.Timestamp | None = ...,
+        created_before: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_after", b"created_after", "created_before", b"created_before"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["namespace", b"namespace", "page_size", b"page_size", "page_token", b"page_token", "pod", b"pod", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_after", b"created_after", "created_before", b"created_before", "namespace", b"namespace", "page_size", b"page_size", "page_token", b"page_token", "pod", b"pod", "requester", b"requester", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -341,6 +358,7 @@ class Capture(_message.Message):
     END_TIME_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     TARGETS_FIELD_NUMBER: _builtins.int
+    HISTORY_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     state: _common_pb2.CaptureState.ValueType
     namespace: _builtins.str
@@ -364,6 +382,10 @@ class Capture(_message.Message):
     def end_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def targets(self) -> _containers.RepeatedCompositeFieldContainer[Global___CaptureTarget]: ...
+    @_builtins.property
+    def history(self) -> _containers.RepeatedCompositeFieldContainer[Global___StateChange]:
+        """Every transition, oldest first (filled by GetCapture only)."""
+
     def __init__(
         self,
         *,
@@ -383,14 +405,47 @@ class Capture(_message.Message):
         end_time: _timestamp_pb2.Timestamp | None = ...,
         error: _builtins.str = ...,
         targets: _abc.Iterable[Global___CaptureTarget] | None = ...,
+        history: _abc.Iterable[Global___StateChange] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "duration", b"duration", "end_time", b"end_time", "limits", b"limits", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "duration", b"duration", "end_time", b"end_time", "error", b"error", "filter", b"filter", "id", b"id", "label_selector", b"label_selector", "limits", b"limits", "namespace", b"namespace", "pod", b"pod", "reason", b"reason", "request_id", b"request_id", "requester", b"requester", "start_time", b"start_time", "state", b"state", "targets", b"targets"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "duration", b"duration", "end_time", b"end_time", "error", b"error", "filter", b"filter", "history", b"history", "id", b"id", "label_selector", b"label_selector", "limits", b"limits", "namespace", b"namespace", "pod", b"pod", "reason", b"reason", "request_id", b"request_id", "requester", b"requester", "start_time", b"start_time", "state", b"state", "targets", b"targets"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Capture: _TypeAlias = Capture  # noqa: Y015
+
+@_typing.final
+class StateChange(_message.Message):
+    """One transition of the capture (`pod` empty) or of one of its targets."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATE_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    POD_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    state: _common_pb2.CaptureState.ValueType
+    pod: _builtins.str
+    """"namespace/pod" for a target's transition, empty for the capture's own."""
+    detail: _builtins.str
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        state: _common_pb2.CaptureState.ValueType = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
+        pod: _builtins.str = ...,
+        detail: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "pod", b"pod", "state", b"state", "time", b"time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StateChange: _TypeAlias = StateChange  # noqa: Y015
 
 @_typing.final
 class CaptureTarget(_message.Message):

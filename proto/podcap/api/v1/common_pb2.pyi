@@ -137,7 +137,7 @@ class CaptureSummary(_message.Message):
     def last_packet_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def protocols(self) -> _containers.RepeatedCompositeFieldContainer[Global___ProtocolCount]:
-        """tshark's protocol hierarchy, depth first: "eth", "eth:ethertype:ip", "eth:ethertype:ip:tcp", ..."""
+        """tshark's protocol hierarchy, depth first: "eth", "eth:ip", "eth:ip:tcp", ..."""
 
     @_builtins.property
     def conversations(self) -> _containers.RepeatedCompositeFieldContainer[Global___Conversation]:
