@@ -140,6 +140,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--replica-id", default="", help="this replica's name in leases (default: host-pid-random)"
     )
+    p.add_argument(
+        "--agent-lost-after",
+        type=parse_duration,
+        default=timedelta(seconds=60),
+        help="how long a capture's agent may stay unreachable before the capture is FAILED",
+    )
 
     p = sub.add_parser("agent", help="run the capture agent of one node")
     p.add_argument("--node-name", required=True)
@@ -263,6 +269,7 @@ def _run_controller(args: argparse.Namespace) -> int:
             caps=CaptureLimitsCaps(max_duration=args.max_duration),
             download_url_ttl=args.download_url_ttl,
             lease_ttl=args.lease_ttl,
+            agent_lost_after=args.agent_lost_after,
             **({"replica_id": args.replica_id} if args.replica_id else {}),
         ),
     )

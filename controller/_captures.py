@@ -179,10 +179,7 @@ class Captures:
                 raise
             return _same_request(existing, request)
         outcomes = await asyncio.gather(
-            *(
-                self._dispatch(row, target, pod, request)
-                for target, pod in zip(row.targets, pods, strict=True)
-            ),
+            *(self._dispatch(row, target) for target in row.targets),
             return_exceptions=True,
         )
         errors = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
@@ -216,27 +213,31 @@ class Captures:
             )
         return sorted(pods, key=lambda pod: pod.name)
 
-    async def _dispatch(self, row: CaptureRow, target: TargetRow, pod: Pod, request: CaptureRequest) -> None:
+    async def _dispatch(self, row: CaptureRow, target: TargetRow) -> None:
         """Asks the pod's agent to start; the target's row was written PENDING before."""
         try:
-            report = await self._agents.start(
-                target.agent_address,
-                _agent_capture_id(row.id, target.index),
-                agent_pb2.PodRef(namespace=pod.namespace, name=pod.name, ips=list(pod.ips)),
-                request.filter,
-                request.duration,
-                common_pb2.CaptureLimits(
-                    max_packets=request.max_packets, max_bytes=request.max_bytes, snaplen=request.snaplen
-                ),
-                target.object_key,
-                pod_interface=request.pod_interface,
-                host_network=pod.host_network,
-            )
+            report = await self._start_on_agent(row, target)
         except ControllerError as exc:
             await self._record_failure(row.id, target.index, str(exc))
             raise
         await self._record(row.id, target.index, report)
         self._follow(row.id, target.index, target.agent_address)
+
+    async def _start_on_agent(self, row: CaptureRow, target: TargetRow) -> AgentCapture:
+        """StartCapture for one target, from what its rows say; the agent answers a repeat with the same capture."""
+        return await self._agents.start(
+            target.agent_address,
+            _agent_capture_id(row.id, target.index),
+            agent_pb2.PodRef(namespace=target.namespace, name=target.pod, ips=target.pod_ip.split(",")),
+            row.filter,
+            timedelta(milliseconds=row.duration_ms),
+            common_pb2.CaptureLimits(
+                max_packets=row.max_packets, max_bytes=row.max_bytes, snaplen=row.snaplen
+            ),
+            target.object_key,
+            pod_interface=row.pod_interface,
+            host_network=row.host_network,
+        )
 
     async def get(self, capture_id: str) -> CaptureRow:
         row = await self._tx(lambda repo: repo.get(capture_id))
@@ -430,6 +431,7 @@ class Captures:
         loop = asyncio.get_running_loop()
         give_up_at = loop.time() + self._settings.agent_lost_after.total_seconds()
         delay = 0.2
+        restarted = False
         while True:
             try:
                 async for report in self._agents.watch(address, _agent_capture_id(capture_id, index)):
@@ -437,6 +439,11 @@ class Captures:
                     if await self._record(capture_id, index, report):
                         return
             except CaptureUnknownToAgent as exc:
+                if not restarted and await self._restart_pending(capture_id, index):
+                    restarted = (
+                        True  # never confirmed started (the controller died first): start it now, once
+                    )
+                    continue
                 await self._record_failure(capture_id, index, f"the agent lost the capture: {exc}")
                 return
             except Unavailable as exc:
@@ -450,6 +457,22 @@ class Captures:
                 return
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
+
+    async def _restart_pending(self, capture_id: str, index: int) -> bool:
+        """Starts a target that is still PENDING (its StartCapture died with a controller); True if it started."""
+        row = await self._tx(lambda repo: repo.get(capture_id))
+        if row is None or row.targets[index].state != CaptureState.PENDING:
+            return False
+        log.info("capture %s target %d was never confirmed started; starting it now", capture_id, index)
+        try:
+            report = await self._start_on_agent(row, row.targets[index])
+        except ControllerError as exc:
+            await self._record_failure(
+                capture_id, index, f"starting it after a controller restart failed: {exc}"
+            )
+            return False
+        await self._record(capture_id, index, report)
+        return True
 
     async def _record(self, capture_id: str, index: int, report: AgentCapture) -> bool:
         """Writes an agent report; True once the target is terminal."""

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from podcap.api.v1 import agent_pb2
 from tests.support.agents import NodeAgent
 from tests.support.lab import Lab
 from tests.support.processes import PODCAP, ControllerProcess, spool_root
@@ -91,7 +92,17 @@ def rig(lab: Lab, s3_server: S3Server, tmp_path: Path) -> Iterator[Rig]:
             )
         )
         controller = ControllerProcess(
-            ["--db", f"sqlite:///{tmp_path / 'podcap.db'}", "--store", store, "--inventory", str(inventory)],
+            [
+                *(
+                    "--db",
+                    f"sqlite:///{tmp_path / 'podcap.db'}",
+                    "--store",
+                    store,
+                    "--inventory",
+                    str(inventory),
+                ),
+                *("--lease-ttl", "2s", "--agent-lost-after", "5s"),
+            ],
             tmp_path,
             env=s3_server.env,
         )
@@ -163,3 +174,54 @@ def test_controller_killed_mid_capture_follows_it_again_after_restart(rig: Rig, 
     data, uris = _downloaded(rig, started["id"], tmp_path)
     assert uris == ["/while-the-controller-was-down"]
     assert final["sha256"] == hashlib.sha256(data).hexdigest()
+
+
+def test_controller_killed_while_pending_neither_loses_nor_duplicates_the_capture(
+    rig: Rig, tmp_path: Path
+) -> None:
+    """The controller dies after writing PENDING and sending StartCapture, before the agent answered."""
+    assert rig.agent.process is not None
+    rig.agent.process.send_signal(signal.SIGSTOP)  # the agent receives the call but cannot answer yet
+    creating = subprocess.Popen(
+        [PODCAP, "capture", "shop/server", "--filter", f"tcp port {PORT}", "--duration", "3s"],
+        env={**os.environ, "PODCAP_SERVER": rig.controller.address},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        listed: list[dict[str, object]] = []
+        while not listed:
+            assert time.monotonic() < deadline, "the capture was never written PENDING"
+            time.sleep(0.1)
+            listed = json.loads(rig.cli("list", "-o", "json").stdout)
+        assert listed[0]["state"] == "PENDING"
+        capture_id = str(listed[0]["id"])
+        rig.controller.kill()
+    finally:
+        creating.kill()
+        creating.wait()
+        rig.agent.process.send_signal(signal.SIGCONT)
+
+    rig.controller.start()
+    # The restarted controller finds the target PENDING and unknown to the agent (the call died with the old
+    # controller), so it starts it now: the capture runs late, but it runs, once.
+    assert rig.wait_for(capture_id, {"RUNNING", "COMPLETED", "FAILED"})["state"] == "RUNNING"
+    _probe(rig, "/after-the-crash")
+    final = rig.wait_for(capture_id, {"COMPLETED", "FAILED"})
+    assert final["state"] == "COMPLETED", final["error"]
+    on_node = [
+        c.capture_id for c in rig.agent.stub.ListCaptures(agent_pb2.ListAgentCapturesRequest()).captures
+    ]
+    assert on_node == [f"{capture_id}-0"]  # one tcpdump, not two
+    data, uris = _downloaded(rig, capture_id, tmp_path)
+    assert uris == ["/after-the-crash"]
+    assert final["sha256"] == hashlib.sha256(data).hexdigest()
+
+
+def test_capture_whose_agent_is_gone_fails_with_the_reason(rig: Rig) -> None:
+    started = json.loads(rig.cli("capture", "shop/server", "--duration", "10m", "-o", "json").stdout)
+    rig.agent.signal(signal.SIGKILL)
+    final = rig.wait_for(started["id"], {"COMPLETED", "FAILED"}, timeout=60)
+    assert final["state"] == "FAILED"
+    assert "unreachable" in str(final["error"]) and "gave up" in str(final["error"])
