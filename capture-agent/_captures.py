@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 _POLL_S = 0.2
 _NETNS_CHECK_S = 1.0
+_DRAIN_S = 0.1
 
 
 @dataclass
@@ -113,14 +114,15 @@ class CaptureManager:
             snapshot = CaptureSnapshot(
                 spec=spec, state=JobState.RUNNING, resolution=resolution, started_at=datetime.now(UTC)
             )
-            entry.record_started(
+            await asyncio.to_thread(
+                entry.record_started,
                 {
                     "spec": asdict(spec),
                     "resolution": asdict(resolution),
                     "started_at": snapshot.started_at,
                     "tcpdump_pid": tcpdump.pid,
                     "argv": argv,
-                }
+                },
             )
             job = CaptureJob(snapshot=snapshot, spool=entry, tcpdump=tcpdump)
             self._jobs[spec.capture_id] = job
@@ -198,7 +200,9 @@ class CaptureManager:
             stats, failure = await self._finish_tcpdump(job)
             failure = problem or failure
             ended = datetime.now(UTC)
-            job.spool.record_ended(Ended(**asdict(stats), ended_at=ended.isoformat(), error=failure))
+            await asyncio.to_thread(
+                job.spool.record_ended, Ended(**asdict(stats), ended_at=ended.isoformat(), error=failure)
+            )
             job.update(state=JobState.UPLOADING, stats=stats, ended_at=ended)
             writer_done.set()
             await self._finish_upload(job, upload, failure)
@@ -299,6 +303,10 @@ class CaptureManager:
         finally:
             exited.cancel()
             stopped.cancel()
+        if job.tcpdump.running:
+            # SIGINT makes tcpdump exit without reading what is still queued for it: give packets that arrived
+            # before the stop decision a moment to be written first.
+            await asyncio.sleep(_DRAIN_S)
         await job.tcpdump.stop()
         return problem
 
