@@ -8,6 +8,7 @@ the agent, restart it on the same spool, and check every stored object's bytes a
 from __future__ import annotations
 
 import hashlib
+import pwd
 import signal
 import subprocess
 import time
@@ -141,6 +142,13 @@ def test_sigterm_stops_captures_and_finishes_their_uploads(
     agent = _agent(lab, f"s3://{s3[1]}/pcaps", spool, tmp_path, s3[0].env)
     agents.append(agent)
     _start(agent, lab, "term-1", seconds=600)
+    (tcpdump,) = tcpdumps_writing_into(spool)
+    uid = next(
+        line.split()[1]
+        for line in Path(f"/proc/{tcpdump}/status").read_text().splitlines()
+        if line.startswith("Uid:")
+    )
+    assert int(uid) == pwd.getpwnam("tcpdump").pw_uid  # tcpdump never runs as root
     _probe(lab, "/before-sigterm")
     assert agent.signal(signal.SIGTERM) == 0
     assert tcpdumps_writing_into(spool) == []
@@ -342,3 +350,22 @@ def test_resolve_pod_and_list_interfaces_explain_the_choice(
         agent.stub.ResolvePod(agent_pb2.ResolvePodRequest(pod=agent_pb2.PodRef(ips=[client.ip])), timeout=10)
     assert elsewhere.value.code() == grpc.StatusCode.NOT_FOUND
     assert "node-2" in elsewhere.value.details() and client.ip in elsewhere.value.details()
+
+
+def test_node_spool_limit_ends_a_capture_with_the_reason_and_keeps_its_pcap(
+    lab: Lab, spool: Path, tmp_path: Path, agents: list[NodeAgent]
+) -> None:
+    store = tmp_path / "store"
+    lab.http_server(lab.pods["server"].netns, PORT)
+    agent = _agent(lab, f"file://{store}", spool, tmp_path, None, "--max-spool-bytes", "3000")
+    agents.append(agent)
+    _start(agent, lab, "spool-1", seconds=600)
+    for i in range(10):
+        _probe(lab, f"/fill-{i}")
+        time.sleep(0.3)
+    capture = _wait(agent, "spool-1", {COMPLETED, FAILED}, timeout=30)
+    assert capture.state == FAILED
+    assert "spool limit of 3000 bytes was reached" in capture.error
+    data = (store / "spool-1.pcap").read_bytes()
+    _assert_stored(capture, data)
+    assert len(data) >= 3000 and _uris(data, tmp_path)[0] == "/fill-0"

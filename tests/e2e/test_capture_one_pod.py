@@ -232,6 +232,15 @@ def test_download_before_completion_is_refused(stack: Stack, tmp_path: Path) -> 
     assert result.returncode != 0
     assert "FAILED_PRECONDITION" in result.stderr and "RUNNING" in result.stderr
     assert not (tmp_path / "early.pcap").exists() and not (tmp_path / "early.pcap.part").exists()
+    url = subprocess.run(
+        [PODCAP, "url", started["id"]],
+        env={**os.environ, "PODCAP_SERVER": stack.server},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert url.returncode != 0 and "FAILED_PRECONDITION" in url.stderr and url.stdout == ""
     _cli(stack, "stop", started["id"])
 
 
