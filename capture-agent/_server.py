@@ -6,13 +6,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import pwd
-import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from podcap.api.serving import Health, listen, until_signalled
 from podcap.api.v1 import agent_pb2_grpc
 from podcap.storage import open_store
 
@@ -57,14 +56,10 @@ async def serve(settings: AgentSettings, started: asyncio.Event | None = None) -
     await captures.recover()
     server = grpc.aio.server()
     agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentServicer(captures), server)
-    health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]  # the stubs lack grpc_health.v1.aio
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = server.add_insecure_port(settings.listen)
-    if port == 0:
-        raise OSError(f"cannot listen on {settings.listen}")
+    health = Health(server, SERVICE_NAME)
+    listen(server, settings.listen)
     await server.start()
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    await health.serving(True)
     log.info(
         "agent for node %s listening on %s, storing to %s",
         settings.node_name,
@@ -73,19 +68,11 @@ async def serve(settings: AgentSettings, started: asyncio.Event | None = None) -
     )
     if started is not None:
         started.set()
-
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
     try:
-        await stop.wait()
+        await until_signalled()
         log.info("shutting down: stopping captures and finishing uploads")
     finally:
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(signum)
-        for name in ("", SERVICE_NAME):
-            await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await health.serving(False)
         await captures.shutdown(settings.limits.shutdown_grace_s)
         await server.stop(grace=5)
 

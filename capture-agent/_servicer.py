@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from datetime import datetime
 from typing import Any
 
 import grpc
-from google.protobuf.timestamp_pb2 import Timestamp
 
+from podcap.api.serving import timestamp
 from podcap.api.status import ErrorTable, maps_errors, maps_stream_errors
 from podcap.api.v1 import agent_pb2, agent_pb2_grpc, common_pb2
 
@@ -115,14 +114,6 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         )
 
 
-def _timestamp(when: datetime | None) -> Timestamp | None:
-    if when is None:
-        return None
-    stamp = Timestamp()
-    stamp.FromDatetime(when)
-    return stamp
-
-
 def _resolution(r: Resolution) -> agent_pb2.Resolution:
     return agent_pb2.Resolution(
         interface=r.interface,
@@ -161,8 +152,8 @@ def _capture(s: CaptureSnapshot) -> agent_pb2.AgentCapture:
         object_key=s.spec.object_key,
         sha256=s.sha256,
         error=s.error,
-        start_time=_timestamp(s.started_at),
-        end_time=_timestamp(s.ended_at),
+        start_time=timestamp(s.started_at),
+        end_time=timestamp(s.ended_at),
         summary=_summary(s.summary) if s.summary is not None else None,
     )
 
@@ -171,8 +162,8 @@ def _summary(summary: Summary) -> common_pb2.CaptureSummary:
     return common_pb2.CaptureSummary(
         packets=summary.packets,
         bytes=summary.bytes,
-        first_packet_time=_timestamp(summary.first_packet_time),
-        last_packet_time=_timestamp(summary.last_packet_time),
+        first_packet_time=timestamp(summary.first_packet_time),
+        last_packet_time=timestamp(summary.last_packet_time),
         protocols=[
             common_pb2.ProtocolCount(protocol=p.protocol, frames=p.frames, bytes=p.bytes)
             for p in summary.protocols

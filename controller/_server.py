@@ -6,13 +6,12 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from podcap.api.serving import Health, listen, until_signalled
 from podcap.api.v1 import capture_pb2_grpc
 from podcap.storage import create_engine_for, make_sessionmaker, migrate, open_store
 
@@ -72,30 +71,21 @@ async def serve(settings: ControllerSettings, started: asyncio.Event | None = No
     )
     server = grpc.aio.server()
     capture_pb2_grpc.add_CaptureServiceServicer_to_server(CaptureServicer(captures), server)
-    health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]  # the stubs lack grpc_health.v1.aio
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    if server.add_insecure_port(settings.listen) == 0:
-        raise OSError(f"cannot listen on {settings.listen}")
+    health = Health(server, SERVICE_NAME)
+    listen(server, settings.listen)
     await server.start()
     await captures.start()
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    await health.serving(True)
     # Everything built so far lives as long as the process: keep it out of the collector's full passes, which
     # otherwise cost tens of milliseconds each on a loaded node (see docs/bench.md, ListCaptures).
     gc.freeze()
     log.info("controller listening on %s", settings.listen)
     if started is not None:
         started.set()
-
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
     try:
-        await stop.wait()
+        await until_signalled()
     finally:
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(signum)
+        await health.serving(False)
         await server.stop(grace=5)
         await captures.close()
         await agents.close()

@@ -6,14 +6,14 @@ The table `ERRORS` is the one place where the controller's exceptions become gRP
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, timedelta
 from typing import Any
 
 import grpc
 from google.protobuf import json_format
 from google.protobuf.duration_pb2 import Duration
-from google.protobuf.timestamp_pb2 import Timestamp
 
+from podcap.api.serving import timestamp
 from podcap.api.status import ErrorTable, maps_errors, maps_stream_errors
 from podcap.api.v1 import capture_pb2, capture_pb2_grpc, common_pb2
 from podcap.storage import CaptureRow, CaptureState, StorageError, TargetRow
@@ -97,7 +97,7 @@ class CaptureServicer(capture_pb2_grpc.CaptureServiceServicer):
             message.history.append(
                 capture_pb2.StateChange(
                     state=_STATES[event.state],
-                    time=_timestamp(event.at),
+                    time=timestamp(event.at),
                     pod=f"{target.namespace}/{target.pod}" if target is not None else "",
                     detail=event.detail,
                 )
@@ -151,7 +151,7 @@ class CaptureServicer(capture_pb2_grpc.CaptureServiceServicer):
     ) -> capture_pb2.GetDownloadUrlResponse:
         download = await self._captures.download_url(request.id, request.target)
         return capture_pb2.GetDownloadUrlResponse(
-            url=download.url, expire_time=_timestamp(download.expires_at), filename=download.filename
+            url=download.url, expire_time=timestamp(download.expires_at), filename=download.filename
         )
 
     @maps_stream_errors(ERRORS)
@@ -173,14 +173,6 @@ def _timedelta(duration: Duration) -> timedelta:
     return duration.ToTimedelta()
 
 
-def _timestamp(when: datetime | None) -> Timestamp | None:
-    if when is None:
-        return None
-    stamp = Timestamp()
-    stamp.FromDatetime(when)
-    return stamp
-
-
 def _target_message(target: TargetRow) -> capture_pb2.CaptureTarget:
     return capture_pb2.CaptureTarget(
         namespace=target.namespace,
@@ -198,8 +190,8 @@ def _target_message(target: TargetRow) -> capture_pb2.CaptureTarget:
         object_key=target.object_key,
         sha256=target.sha256,
         error=target.error,
-        start_time=_timestamp(target.started_at),
-        end_time=_timestamp(target.ended_at),
+        start_time=timestamp(target.started_at),
+        end_time=timestamp(target.ended_at),
         summary=json_format.Parse(target.summary, common_pb2.CaptureSummary()) if target.summary else None,
     )
 
@@ -221,9 +213,9 @@ def capture_message(row: CaptureRow) -> capture_pb2.Capture:
         requester=row.requester,
         reason=row.reason,
         request_id=row.request_id or "",
-        create_time=_timestamp(row.created_at),
-        start_time=_timestamp(row.started_at),
-        end_time=_timestamp(row.ended_at),
+        create_time=timestamp(row.created_at),
+        start_time=timestamp(row.started_at),
+        end_time=timestamp(row.ended_at),
         error=row.error,
         targets=[_target_message(t) for t in row.targets],
     )

@@ -37,6 +37,7 @@ CONFINED = {
         "capture-agent/_server.py",
         "cli/_client.py",
         "proto/podcap/api/status.py",
+        "proto/podcap/api/serving.py",
     },
     "boto3": {"storage/_s3.py"},
     "botocore": {"storage/_s3.py"},
