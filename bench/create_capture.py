@@ -40,7 +40,8 @@ import psycopg
 from psycopg import sql
 from sqlalchemy import Engine, event, func, select
 
-from bench.start_latency import PORT, LabAgent, lab_agent, machine, pct, write_docs
+from bench._docs import write_section
+from bench.start_latency import PORT, LabAgent, lab_agent, machine, pct
 from podcap.controller._agents import AgentCapture, AgentClients
 from podcap.controller._captures import Captures, CaptureSettings
 from podcap.controller._inventory import Pod
@@ -95,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     section = _section(result, args)
     print(section)
     if args.write_docs:
-        write_docs(_HEADING, section)
+        write_section(_HEADING, section)
         print("updated docs/bench.md")
     return 0 if result.ok else 1
 

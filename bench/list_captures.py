@@ -33,7 +33,6 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -41,9 +40,9 @@ from psycopg import sql
 from sqlalchemy import Engine, event, text
 from sqlalchemy.orm import Session, sessionmaker
 
+from bench._docs import DOCS, write_section
 from podcap.storage import CaptureRepository, CaptureState, create_engine_for, make_sessionmaker, migrate
 
-_DOCS = Path(__file__).resolve().parent.parent / "docs" / "bench.md"
 _HEADING = "## ListCaptures on PostgreSQL"
 _TARGET_P99_MS = 50.0
 _END = datetime(2026, 3, 1, tzinfo=UTC)  # fixed, so a seed always loads the same rows
@@ -66,8 +65,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         section, ok = _run(url, args)
     print(section)
     if args.write_docs:
-        _write_docs(section)
-        print(f"updated {_DOCS}")
+        write_section(_HEADING, section)
+        print(f"updated {DOCS}")
     return 0 if ok else 1
 
 
@@ -491,22 +490,6 @@ def _para(*parts: str) -> str:
 def _share(s: float, n: int, *, last: bool = False) -> float:
     weights = _zipf(n, s)
     return (weights[-1] if last else weights[0]) / sum(weights)
-
-
-def _write_docs(section: str) -> None:
-    """Replace our section of docs/bench.md (up to the next ``## `` heading), leaving the others alone."""
-    text_ = (
-        _DOCS.read_text()
-        if _DOCS.exists()
-        else "# Benchmarks\n\nMeasured with `make bench`; each section says how to run it alone.\n"
-    )
-    start = text_.find(_HEADING + "\n")
-    if start < 0:
-        text_ = text_.rstrip("\n") + "\n\n" + section
-    else:
-        end = text_.find("\n## ", start + len(_HEADING))
-        text_ = text_[:start] + section + ("\n" + text_[end + 1 :] if end >= 0 else "")
-    _DOCS.write_text(text_.rstrip("\n") + "\n")
 
 
 if __name__ == "__main__":

@@ -27,10 +27,10 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
-_DOCS = Path(__file__).resolve().parent.parent / "docs" / "bench.md"
+from bench._docs import DOCS, write_section
+
 _HEADING = "## Pod resolution"
 _OTHER_CNIS = (("bridge", 4), ("cilium", 4), ("eni", 4))
 
@@ -52,8 +52,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     section = _run(args.pods, args.requests, args.seed)
     print(section)
     if args.write_docs:
-        _write_docs(section)
-        print(f"updated {_DOCS}")
+        write_section(_HEADING, section)
+        print(f"updated {DOCS}")
     return 0
 
 
@@ -182,22 +182,6 @@ for this node.
 
 Reproduce: `{command}` (add `--write-docs` to rewrite this section).
 """
-
-
-def _write_docs(section: str) -> None:
-    """Replace our section of docs/bench.md (up to the next ``## `` heading), leaving the others alone."""
-    text = (
-        _DOCS.read_text()
-        if _DOCS.exists()
-        else "# Benchmarks\n\nMeasured with `make bench`; each section says how to run it alone.\n"
-    )
-    start = text.find(_HEADING + "\n")
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = text.find("\n## ", start + len(_HEADING))
-        text = text[:start] + section + ("\n" + text[end + 1 :] if end >= 0 else "")
-    _DOCS.write_text(text.rstrip("\n") + "\n")
 
 
 if __name__ == "__main__":

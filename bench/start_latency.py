@@ -54,12 +54,12 @@ import grpc
 from google.protobuf.duration_pb2 import Duration
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from bench._docs import DOCS, write_section
 from podcap.api.v1 import agent_pb2, agent_pb2_grpc, common_pb2
 
 if TYPE_CHECKING:  # the test lab is imported only where namespaces are built
     from tests.support.lab import Lab, Node
 
-_DOCS = Path(__file__).resolve().parent.parent / "docs" / "bench.md"
 _HEADING = "## Capture start latency"
 _TARGET_P50_MS = 100.0
 PORT = 40999
@@ -79,8 +79,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     section = _section(result, args.iterations, args.cold)
     print(section)
     if args.write_docs:
-        write_docs(_HEADING, section)
-        print(f"updated {_DOCS}")
+        write_section(_HEADING, section)
+        print(f"updated {DOCS}")
     return 0 if result.ok else 1
 
 
@@ -206,22 +206,6 @@ def stats_cells(samples: Sequence[float]) -> str:
         return "- | - | - | 0 |"
     p50, p95 = statistics.median(samples), pct(samples, 0.95)
     return f"{p50:.1f} | {p95:.1f} | {max(samples):.1f} | {len(samples)} |"
-
-
-def write_docs(heading: str, section: str) -> None:
-    """Replace the section under ``heading`` in docs/bench.md (up to the next ``## ``), leaving the others alone."""
-    text = (
-        _DOCS.read_text()
-        if _DOCS.exists()
-        else "# Benchmarks\n\nMeasured with `make bench`; each section says how to run it alone.\n"
-    )
-    start = text.find(heading + "\n")
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = text.find("\n## ", start + len(heading))
-        text = text[:start] + section + ("\n" + text[end + 1 :] if end >= 0 else "")
-    _DOCS.write_text(text.rstrip("\n") + "\n")
 
 
 # --- measuring ------------------------------------------------------------------------------------------------

@@ -30,9 +30,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench._docs import DOCS, write_section
 from podcap.agent._summary import Summary, summarise
 
-_DOCS = Path(__file__).resolve().parent.parent / "docs" / "bench.md"
 _HEADING = "## pcap summary"
 _TARGET_S = 30.0
 _CHUNK_PACKETS = 200_000  # summarise()'s default
@@ -70,8 +70,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     section = _section(args.packets, size, runs, largest_chunk_rss, one_s, one_rss, summary, problems, load)
     print(section)
     if args.write_docs:
-        _write_docs(section)
-        print(f"updated {_DOCS}")
+        write_section(_HEADING, section)
+        print(f"updated {DOCS}")
     return 1 if problems or statistics.median(runs) >= _TARGET_S else 0
 
 
@@ -248,22 +248,6 @@ back; on a busy machine one tshark over the whole file can be as fast (the compa
 off: with it, a download caught mid-stream makes tshark quadratic (8,000 packets of an HTTP body without its
 headers: 36 s instead of 0.3 s); see `capture-agent/_summary.py`.
 """
-
-
-def _write_docs(section: str) -> None:
-    """Replace our section of docs/bench.md (up to the next ``## `` heading), leaving the others alone."""
-    text = (
-        _DOCS.read_text()
-        if _DOCS.exists()
-        else "# Benchmarks\n\nMeasured with `make bench`; each section says how to run it alone.\n"
-    )
-    start = text.find(_HEADING + "\n")
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = text.find("\n## ", start + len(_HEADING))
-        text = text[:start] + section + ("\n" + text[end + 1 :] if end >= 0 else "")
-    _DOCS.write_text(text.rstrip("\n") + "\n")
 
 
 if __name__ == "__main__":
