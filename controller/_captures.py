@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import socket
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -65,6 +66,7 @@ _AGENT_STATES = {
 }
 _ORDER = [CaptureState.PENDING, CaptureState.RUNNING, CaptureState.UPLOADING]
 _WATCH_POLL_S = 1.0
+_CAPTURE_ID = re.compile(r"[0-9a-f]{32}")
 
 
 def roll_up(states: list[CaptureState]) -> CaptureState:
@@ -240,6 +242,9 @@ class Captures:
         )
 
     async def get(self, capture_id: str) -> CaptureRow:
+        if not _CAPTURE_ID.fullmatch(capture_id):
+            # Never echo a long or odd string: the message travels in a gRPC header with a size limit.
+            raise InvalidRequest(f"{capture_id[:40]!r} is not a capture id (32 lower-case hex digits)")
         row = await self._tx(lambda repo: repo.get(capture_id))
         if row is None:
             raise CaptureNotFound(f"capture {capture_id!r} not found")

@@ -143,6 +143,22 @@ def test_names_that_kubernetes_would_refuse_are_refused(
     assert _stored(engine) == 0
 
 
+@pytest.mark.parametrize("capture_id", ["x" * 100_000, "../etc", "0" * 31, "é" * 32])
+def test_malformed_capture_id_is_invalid_argument_and_not_echoed_in_full(
+    offline: tuple[capture_pb2_grpc.CaptureServiceStub, str, sa.Engine], capture_id: str
+) -> None:
+    stub, _, _ = offline
+    for call in (
+        lambda: stub.GetCapture(capture_pb2.GetCaptureRequest(id=capture_id), timeout=10),
+        lambda: stub.StopCapture(capture_pb2.StopCaptureRequest(id=capture_id), timeout=10),
+        lambda: stub.GetDownloadUrl(capture_pb2.GetDownloadUrlRequest(id=capture_id), timeout=10),
+    ):
+        with pytest.raises(grpc.RpcError) as failure:
+            call()
+        assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "is not a capture id" in failure.value.details() and len(failure.value.details()) < 200
+
+
 def test_unknown_capture_is_not_found(
     offline: tuple[capture_pb2_grpc.CaptureServiceStub, str, sa.Engine],
 ) -> None:
