@@ -6,7 +6,7 @@ It knows nothing of the controller or the agent; both reach their data through t
 from ._db import create_engine_for, make_sessionmaker, migrate
 from ._errors import DatabaseUnavailable, ObjectNotFound, StorageError, StoreUnavailable
 from ._leases import Claim, TargetLeases
-from ._models import TERMINAL_STATES, Base, CaptureRow, CaptureState, EventRow, TargetRow, is_terminal
+from ._models import TERMINAL_STATES, Base, CaptureRow, CaptureState, EventRow, TargetRow
 from ._objectstore import ObjectStore, StoredObject, Upload, open_store
 from ._repository import CaptureRepository
 
@@ -28,7 +28,6 @@ __all__ = [
     "TargetRow",
     "Upload",
     "create_engine_for",
-    "is_terminal",
     "make_sessionmaker",
     "migrate",
     "open_store",

@@ -39,7 +39,6 @@ __all__ = [
     "EventRow",
     "TargetRow",
     "UTCDateTime",
-    "is_terminal",
     "utcnow",
 ]
 
@@ -65,11 +64,6 @@ class CaptureState(enum.StrEnum):
 
 
 TERMINAL_STATES = frozenset({CaptureState.COMPLETED, CaptureState.FAILED, CaptureState.CANCELLED})
-
-
-def is_terminal(state: CaptureState) -> bool:
-    """Whether a capture in ``state`` will never change again."""
-    return state in TERMINAL_STATES
 
 
 def utcnow() -> datetime:

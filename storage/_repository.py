@@ -10,7 +10,7 @@ from datetime import datetime
 from sqlalchemy import delete, select, tuple_
 from sqlalchemy.orm import Session
 
-from ._models import TERMINAL_STATES, CaptureRow, CaptureState, TargetRow
+from ._models import CaptureRow, CaptureState, TargetRow
 
 __all__ = ["CaptureRepository"]
 
@@ -88,15 +88,6 @@ class CaptureRepository:
             # every newer row first (48 ms at 100,000 captures instead of 0.1 ms).
             query = query.where(tuple_(CaptureRow.created_at, CaptureRow.id) < after)
         query = query.order_by(CaptureRow.created_at.desc(), CaptureRow.id.desc()).limit(limit)
-        return builtins.list(self.session.scalars(query))
-
-    def non_terminal(self) -> builtins.list[CaptureRow]:
-        """Every capture that may still change, oldest first: the reconciler's work list after a restart."""
-        query = (
-            select(CaptureRow)
-            .where(CaptureRow.state.not_in(TERMINAL_STATES))
-            .order_by(CaptureRow.created_at, CaptureRow.id)
-        )
         return builtins.list(self.session.scalars(query))
 
     def delete(self, capture_id: str) -> bool:

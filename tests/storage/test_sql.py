@@ -17,9 +17,9 @@ from podcap.storage import (
     CaptureRow,
     CaptureState,
     DatabaseUnavailable,
+    TargetLeases,
     TargetRow,
     create_engine_for,
-    is_terminal,
     make_sessionmaker,
     migrate,
 )
@@ -193,19 +193,33 @@ def test_keyset_pagination_returns_each_row_once_newest_first(db_sessionmaker: s
     assert pages(namespace="nowhere") == []
 
 
-def test_non_terminal_lists_what_the_reconciler_must_resume(db_sessionmaker: sessionmaker[Session]) -> None:
-    rows = {state: _capture(state=state) for state in CaptureState}
+def test_leases_give_each_live_target_to_one_replica(db_sessionmaker: sessionmaker[Session]) -> None:
+    now = datetime.now(UTC)
+    rows = {
+        state: _capture(state=state, targets=[_target(f"pod-{state.value.lower()}", state=state)])
+        for state in CaptureState
+    }
     with db_sessionmaker.begin() as session:
         for row in rows.values():
             CaptureRepository(session).add(row)
+    running = rows[CaptureState.RUNNING].id
     with db_sessionmaker.begin() as session:
-        resumable = CaptureRepository(session).non_terminal()
-    assert {r.state for r in resumable} == {s for s in CaptureState if not is_terminal(s)}
-    assert {r.state for r in resumable} == {
-        CaptureState.PENDING,
-        CaptureState.RUNNING,
-        CaptureState.UPLOADING,
-    }
+        leases = TargetLeases(session)
+        # Only targets that may still change are anyone's work.
+        assert {c.capture_id for c in leases.claimable("a", now)} == {
+            rows[s].id for s in (CaptureState.PENDING, CaptureState.RUNNING, CaptureState.UPLOADING)
+        }
+        assert leases.claim(running, 0, "a", now + timedelta(seconds=10), now)
+        assert not leases.claim(running, 0, "b", now + timedelta(seconds=10), now)  # a holds it
+        assert running not in {c.capture_id for c in leases.claimable("b", now)}
+        assert not leases.claim(rows[CaptureState.COMPLETED].id, 0, "a", now + timedelta(seconds=10), now)
+    with db_sessionmaker.begin() as session:
+        leases = TargetLeases(session)
+        later = now + timedelta(seconds=11)  # a stopped renewing: its lease has run out
+        assert running in {c.capture_id for c in leases.claimable("b", later)}
+        assert leases.claim(running, 0, "b", later + timedelta(seconds=10), later)
+        assert (running, 0) not in leases.renew("a", later + timedelta(seconds=10))
+        assert (running, 0) in leases.renew("b", later + timedelta(seconds=10))
 
 
 def test_get_for_update_reads_and_updates_in_one_transaction(db_sessionmaker: sessionmaker[Session]) -> None:

@@ -40,7 +40,7 @@ class CreateCaptureRequest(_message.Message):
     pod: _builtins.str
     """One pod by name (DNS-1123 subdomain). Exactly one of `pod` and `label_selector` is set."""
     label_selector: _builtins.str
-    """Every running pod in `namespace` matching this Kubernetes label selector (not served yet)."""
+    """Every running pod in `namespace` matching this Kubernetes label selector (at most the controller's cap)."""
     filter: _builtins.str
     """tcpdump/libpcap capture filter. Empty captures everything."""
     request_id: _builtins.str
