@@ -35,6 +35,14 @@ lint: setup
 bench: setup
 	$(PY) -m bench
 
+# podcap end to end on the embedded defaults: SQLite, a local directory store, a simulated cluster in network
+# namespaces (deploy/local/demo.py). Needs root; on a fresh machine it first installs what it needs, like CI.
+# DEMO_ARGS="--keep-running" leaves the cluster up until Ctrl-C; DEMO_ARGS="--workdir DIR" puts the output there.
+demo:
+	bash .ci/install-system-packages
+	$(MAKE) --no-print-directory setup
+	$(PY) deploy/local/demo.py $(DEMO_ARGS)
+
 clean:
 	rm -rf $(VENV) build *.egg-info
 

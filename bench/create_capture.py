@@ -42,6 +42,7 @@ from sqlalchemy import Engine, event, func, select
 
 from bench._docs import write_section
 from bench.start_latency import PORT, LabAgent, lab_agent, machine, pct
+from podcap.controller._access import AccessControl, Caller, NoAuthentication, Principal
 from podcap.controller._agents import AgentCapture, AgentClients
 from podcap.controller._captures import Captures, CaptureSettings
 from podcap.controller._inventory import Pod
@@ -202,6 +203,7 @@ async def _measure(
         inventory=StaticInventory([pod], {pod.node: agent.address}),
         agents=agents,
         store=open_store(store.as_uri()),  # the agent's store; nothing is downloaded here
+        access=AccessControl(NoAuthentication(), NoAuthentication(), sessions),
         settings=CaptureSettings(),
     )
     await captures.start()
@@ -219,7 +221,7 @@ async def _measure(
             )
             before = meter.snapshot()
             began = time.perf_counter_ns()
-            row = await captures.create(request, requester="bench")
+            row = await captures.create(request, Caller(Principal("bench")))
             total_ms = (time.perf_counter_ns() - began) / 1e6
             after = meter.snapshot()
             create = _Create(

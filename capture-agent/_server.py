@@ -1,5 +1,10 @@
 """The agent process: builds its parts once from `AgentSettings`, serves AgentService and grpc.health.v1, and on
-SIGTERM/SIGINT stops every capture and finishes its upload before it exits."""
+SIGTERM/SIGINT stops every capture and finishes its upload before it exits.
+
+An agent runs tcpdump as root-equivalent on its node, so in a cluster it serves only mutual TLS (`tls`): the
+handshake refuses any client without a certificate from the controller's CA, and `RequirePeerName` refuses a
+certificate from that CA that does not name the controller. Without `tls` it serves plaintext, for local runs.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,16 @@ from pathlib import Path
 
 import grpc
 
-from podcap.api.serving import Health, listen, until_signalled
+from podcap.api.malformed import RejectMalformed
+from podcap.api.serving import (
+    Health,
+    RequirePeerName,
+    TlsFiles,
+    listen,
+    server_credentials,
+    server_options,
+    until_signalled,
+)
 from podcap.api.v1 import agent_pb2_grpc
 from podcap.storage import open_store
 
@@ -39,6 +53,10 @@ class AgentSettings:
     tcpdump_user: str = "tcpdump"
     limits: Limits = field(default_factory=Limits)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    # Mutual TLS: our certificate and key, and the CA whose certificates may call us. None: plaintext.
+    tls: TlsFiles | None = None
+    # The name (SAN, or CN without SANs) the caller's certificate must carry; only used with `tls`.
+    controller_name: str = "podcap-controller"
 
 
 async def serve(settings: AgentSettings, started: asyncio.Event | None = None) -> None:
@@ -53,17 +71,26 @@ async def serve(settings: AgentSettings, started: asyncio.Event | None = None) -
         limits=settings.limits,
         retry=settings.retry,
     )
+    credentials = server_credentials(settings.tls) if settings.tls is not None else None
     await captures.recover()
-    server = grpc.aio.server()
+    server = grpc.aio.server(
+        # The peer check comes first: a caller who may not call is refused as such, whatever it sent.
+        interceptors=[
+            *([RequirePeerName(settings.controller_name)] if settings.tls is not None else []),
+            RejectMalformed(),
+        ],
+        options=server_options(),
+    )
     agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentServicer(captures), server)
     health = Health(server, SERVICE_NAME)
-    listen(server, settings.listen)
+    listen(server, settings.listen, credentials)
     await server.start()
     await health.serving(True)
     log.info(
-        "agent for node %s listening on %s, storing to %s",
+        "agent for node %s listening on %s (%s), storing to %s",
         settings.node_name,
         settings.listen,
+        f"mutual TLS, callers named {settings.controller_name}" if settings.tls is not None else "plaintext",
         settings.store_url,
     )
     if started is not None:

@@ -25,6 +25,7 @@ from ._errors import (
 from ._model import CaptureSnapshot, CaptureSpec, JobState
 from ._resolve import Interface, Resolution
 from ._summary import Summary
+from ._validation import check_capture_id, check_filter, check_pod, check_start
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -56,6 +57,14 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     async def StartCapture(
         self, request: agent_pb2.StartCaptureRequest, context: Context
     ) -> agent_pb2.AgentCapture:
+        check_start(
+            request.capture_id,
+            request.pod.ips,
+            request.pod_interface,
+            request.object_key,
+            request.limits.max_packets,
+        )
+        await asyncio.to_thread(check_filter, request.filter)
         spec = CaptureSpec(
             capture_id=request.capture_id,
             pod_ips=tuple(request.pod.ips),
@@ -68,26 +77,27 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             pod_interface=request.pod_interface,
             host_network=request.host_network,
         )
-        if not spec.pod_ips:
-            raise InvalidCaptureRequest("pod.ips is empty: the agent finds the pod by its IP")
         return _capture(await self._captures.start(spec))
 
     @maps_errors(ERRORS)
     async def StopCapture(
         self, request: agent_pb2.AgentCaptureRef, context: Context
     ) -> agent_pb2.AgentCapture:
+        check_capture_id(request.capture_id)
         return _capture(await self._captures.stop(request.capture_id))
 
     @maps_errors(ERRORS)
     async def GetCapture(
         self, request: agent_pb2.AgentCaptureRef, context: Context
     ) -> agent_pb2.AgentCapture:
+        check_capture_id(request.capture_id)
         return _capture(self._captures.get(request.capture_id))
 
     @maps_stream_errors(ERRORS)
     async def WatchCapture(
         self, request: agent_pb2.AgentCaptureRef, context: Context
     ) -> AsyncIterator[agent_pb2.AgentCapture]:
+        check_capture_id(request.capture_id)
         async for snapshot in self._captures.watch(request.capture_id):
             yield _capture(snapshot)
 
@@ -101,6 +111,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     async def ResolvePod(
         self, request: agent_pb2.ResolvePodRequest, context: Context
     ) -> agent_pb2.Resolution:
+        check_pod(request.pod.ips, request.pod_interface)
         return _resolution(
             await asyncio.to_thread(self._captures.resolve, tuple(request.pod.ips), request.pod_interface)
         )

@@ -27,6 +27,19 @@ _START_TIMEOUT_S = 10.0
 _STOP_TIMEOUT_S = 10.0
 _STDERR_KEEP = 64 * 1024
 _CAPS = "+net_raw,+net_admin"
+# What the agent must hold to run tcpdump as another user with only _CAPS (bit numbers of linux/capability.h):
+# setpriv can hand tcpdump only capabilities the agent has, changes ids and groups (SETUID, SETGID) and shrinks
+# tcpdump's bounding set (SETPCAP; without it setpriv silently leaves the bounding set whole). Signalling a process
+# of another user takes KILL, for SIGINT and for the parent-death signal alike: without it tcpdump could be
+# neither stopped nor ended with its agent.
+_LAUNCH_CAPS = {
+    "CAP_NET_RAW": 13,
+    "CAP_NET_ADMIN": 12,
+    "CAP_SETUID": 7,
+    "CAP_SETGID": 6,
+    "CAP_SETPCAP": 8,
+    "CAP_KILL": 5,
+}
 
 
 @dataclass(frozen=True)
@@ -98,6 +111,13 @@ class Tcpdump:
     @classmethod
     async def start(cls, argv: list[str]) -> Tcpdump:
         """Starts tcpdump and returns once it is capturing; CaptureError with tcpdump's message if it cannot."""
+        if missing := _missing_launch_caps(argv):
+            raise CaptureError(
+                f"cannot start tcpdump: the agent lacks {', '.join(missing)}. Running tcpdump as an "
+                "unprivileged user with only CAP_NET_RAW and CAP_NET_ADMIN, and stopping it, take "
+                f"{', '.join(_LAUNCH_CAPS)} in the agent container's securityContext.capabilities.add "
+                "(deploy/base/agent/daemonset.yaml)"
+            )
         try:
             process = await asyncio.create_subprocess_exec(
                 *argv,
@@ -183,3 +203,19 @@ class Tcpdump:
         await self._process.wait()
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.wait_for(self._stderr_done.wait(), timeout=_STOP_TIMEOUT_S)
+
+
+def _missing_launch_caps(argv: list[str]) -> list[str]:
+    """The capabilities `_LAUNCH_CAPS` names that are outside the agent's bounding set, so that no child of the
+    agent can have them; [] when tcpdump keeps the agent's own user."""
+    launcher = argv[: argv.index("--")] if "--" in argv else argv
+    if not any(arg.startswith("--reuid=") for arg in launcher):
+        return []
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return []  # no procfs to ask: setpriv's own error will have to do
+    bounding = next(
+        (int(line.split()[1], 16) for line in status.splitlines() if line.startswith("CapBnd:")), -1
+    )
+    return [name for name, bit in _LAUNCH_CAPS.items() if not bounding >> bit & 1]

@@ -10,6 +10,7 @@ from types import TracebackType
 import grpc
 from google.protobuf.duration_pb2 import Duration
 
+from podcap.api.serving import channel_options
 from podcap.api.v1 import capture_pb2, capture_pb2_grpc, common_pb2
 
 _CALL_TIMEOUT_S = 30.0
@@ -31,8 +32,15 @@ class Connection:
     completed = common_pb2.CAPTURE_STATE_COMPLETED
     failed = common_pb2.CAPTURE_STATE_FAILED
 
-    def __init__(self, server: str) -> None:
-        self._channel = grpc.aio.insecure_channel(server)
+    def __init__(self, server: str, token: str = "", tls: bool = False, ca: Path | None = None) -> None:
+        """`token` is sent as `authorization: Bearer TOKEN`; with `tls` (implied by `ca`) the controller must
+        present a certificate signed by `ca`, or by a system-trusted CA when no `ca` is given."""
+        if tls or ca is not None:
+            credentials = grpc.ssl_channel_credentials(root_certificates=ca.read_bytes() if ca else None)
+            self._channel = grpc.aio.secure_channel(server, credentials, options=channel_options())
+        else:
+            self._channel = grpc.aio.insecure_channel(server, options=channel_options())
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._stub = capture_pb2_grpc.CaptureServiceStub(self._channel)
         self._server = server
 
@@ -74,14 +82,16 @@ class Connection:
             host_network=host_network,
         )
         try:
-            return await self._stub.CreateCapture(request, timeout=_CALL_TIMEOUT_S)
+            return await self._stub.CreateCapture(request, timeout=_CALL_TIMEOUT_S, metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:
             raise _error(exc) from exc
 
     async def get(self, capture_id: str) -> capture_pb2.Capture:
         try:
             return await self._stub.GetCapture(
-                capture_pb2.GetCaptureRequest(id=capture_id), timeout=_CALL_TIMEOUT_S
+                capture_pb2.GetCaptureRequest(id=capture_id),
+                timeout=_CALL_TIMEOUT_S,
+                metadata=self._metadata,
             )
         except grpc.aio.AioRpcError as exc:
             raise _error(exc) from exc
@@ -114,7 +124,9 @@ class Connection:
         captures: list[capture_pb2.Capture] = []
         while len(captures) < limit:
             try:
-                response = await self._stub.ListCaptures(request, timeout=_CALL_TIMEOUT_S)
+                response = await self._stub.ListCaptures(
+                    request, timeout=_CALL_TIMEOUT_S, metadata=self._metadata
+                )
             except grpc.aio.AioRpcError as exc:
                 raise _error(exc) from exc
             captures.extend(response.captures)
@@ -127,7 +139,9 @@ class Connection:
         """Follows the capture until it ends, printing each state change to stderr when asked."""
         last: capture_pb2.Capture | None = None
         try:
-            async for capture in self._stub.WatchCapture(capture_pb2.WatchCaptureRequest(id=capture_id)):
+            async for capture in self._stub.WatchCapture(
+                capture_pb2.WatchCaptureRequest(id=capture_id), metadata=self._metadata
+            ):
                 if progress and (last is None or last.state != capture.state):
                     packets = sum(t.stats.packets for t in capture.targets)
                     print(f"{capture.id}: {_state_name(capture.state)} ({packets} packets)", file=sys.stderr)
@@ -141,7 +155,9 @@ class Connection:
     async def stop(self, capture_id: str) -> capture_pb2.Capture:
         try:
             return await self._stub.StopCapture(
-                capture_pb2.StopCaptureRequest(id=capture_id), timeout=_CALL_TIMEOUT_S
+                capture_pb2.StopCaptureRequest(id=capture_id),
+                timeout=_CALL_TIMEOUT_S,
+                metadata=self._metadata,
             )
         except grpc.aio.AioRpcError as exc:
             raise _error(exc) from exc
@@ -149,7 +165,9 @@ class Connection:
     async def delete(self, capture_id: str) -> None:
         try:
             await self._stub.DeleteCapture(
-                capture_pb2.DeleteCaptureRequest(id=capture_id), timeout=_CALL_TIMEOUT_S
+                capture_pb2.DeleteCaptureRequest(id=capture_id),
+                timeout=_CALL_TIMEOUT_S,
+                metadata=self._metadata,
             )
         except grpc.aio.AioRpcError as exc:
             raise _error(exc) from exc
@@ -157,7 +175,9 @@ class Connection:
     async def download_url(self, capture_id: str, target: int) -> str:
         request = capture_pb2.GetDownloadUrlRequest(id=capture_id, target=target)
         try:
-            response = await self._stub.GetDownloadUrl(request, timeout=_CALL_TIMEOUT_S)
+            response = await self._stub.GetDownloadUrl(
+                request, timeout=_CALL_TIMEOUT_S, metadata=self._metadata
+            )
         except grpc.aio.AioRpcError as exc:
             raise _error(exc) from exc
         return response.url
@@ -169,7 +189,7 @@ class Connection:
         try:
             with partial.open("wb") as out:
                 request = capture_pb2.DownloadCaptureRequest(id=capture_id, target=target)
-                async for chunk in self._stub.DownloadCapture(request):
+                async for chunk in self._stub.DownloadCapture(request, metadata=self._metadata):
                     out.write(chunk.data)
                     size += len(chunk.data)
             partial.replace(path)

@@ -16,23 +16,41 @@ from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
 
+from podcap.api.serving import TlsFiles
+
 from ._client import ClientError, Connection
 from ._download import download
 from ._output import print_capture, print_captures
 
 SERVER_ENV = "PODCAP_SERVER"
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+TOKEN_ENV = "PODCAP_TOKEN"  # noqa: S105  # the variable's name, not a token
+CA_ENV = "PODCAP_CA"
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 
 
 def parse_duration(text: str) -> timedelta:
-    """`30s`, `1m30s`, `500ms`, `2h`; a bare number is seconds."""
+    """`30s`, `1m30s`, `500ms`, `2h`, `30d`; a bare number is seconds."""
     text = text.strip()
     if re.fullmatch(r"-?\d+(\.\d+)?", text):
         return timedelta(seconds=float(text))
     if not text or _DURATION_PART.sub("", text):
         raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 30s, 1m30s or 500ms")
-    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
     return timedelta(seconds=sum(float(n) * units[u] for n, u in _DURATION_PART.findall(text)))
+
+
+def _non_negative_duration(text: str) -> timedelta:
+    duration = parse_duration(text)
+    if duration < timedelta(0):
+        raise argparse.ArgumentTypeError(f"{text!r} is negative")
+    return duration
+
+
+def _positive_duration(text: str) -> timedelta:
+    duration = parse_duration(text)
+    if duration <= timedelta(0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive duration")
+    return duration
 
 
 def _pod_ref(text: str) -> tuple[str, str]:
@@ -56,6 +74,19 @@ def _parser() -> argparse.ArgumentParser:
             default=os.environ.get(SERVER_ENV, "127.0.0.1:7070"),
             help=f"controller HOST:PORT (${SERVER_ENV})",
         )
+        p.add_argument(
+            "--token",
+            default=os.environ.get(TOKEN_ENV, ""),
+            help=f"bearer token for the controller (${TOKEN_ENV}; prefer the variable: flags show in ps)",
+        )
+        p.add_argument(
+            "--ca",
+            type=Path,
+            default=os.environ.get(CA_ENV) or None,
+            metavar="FILE",
+            help=f"TLS: the CA (PEM) that signs the controller's certificate (${CA_ENV}); implies --tls",
+        )
+        p.add_argument("--tls", action="store_true", help="TLS with the system's trusted CAs")
         p.add_argument("-o", "--output", choices=["text", "json"], default="text")
         return p
 
@@ -119,8 +150,45 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("id")
     p.add_argument("--wait", action="store_true", help="wait until the pcap is stored")
 
+    sub.add_parser(
+        "token", help="print a new random bearer token and the token_sha256 line for the token file"
+    )
+
     p = sub.add_parser("controller", help="run the controller")
     p.add_argument("--listen", required=True, metavar="HOST:PORT")
+    auth = p.add_mutually_exclusive_group(required=True)
+    auth.add_argument(
+        "--auth-tokens",
+        type=Path,
+        metavar="FILE",
+        help="callers present bearer tokens listed (as sha256) in FILE, with their grants (docs/security.md)",
+    )
+    auth.add_argument(
+        "--auth-kubernetes",
+        action="store_true",
+        help="callers present Kubernetes tokens: TokenReview, then SubjectAccessReview on pods/capture",
+    )
+    auth.add_argument(
+        "--no-auth",
+        action="store_true",
+        help="no authentication, everyone may do everything: only with a loopback --listen",
+    )
+    p.add_argument("--tls-cert", type=Path, metavar="FILE", help="TLS for the API: certificate chain (PEM)")
+    p.add_argument("--tls-key", type=Path, metavar="FILE", help="TLS for the API: its private key (PEM)")
+    p.add_argument(
+        "--max-active-captures-per-user",
+        type=int,
+        default=0,
+        metavar="N",
+        help="quota: captures one caller may have running at once (default 0: no quota)",
+    )
+    p.add_argument(
+        "--max-bytes-per-namespace-per-day",
+        type=int,
+        default=0,
+        metavar="BYTES",
+        help="quota: pcap bytes a namespace's captures may store in 24 hours (default 0: no quota)",
+    )
     p.add_argument("--db", required=True, metavar="SQLALCHEMY_URL", help="e.g. sqlite:///podcap.db")
     p.add_argument("--store", required=True, metavar="URL", help="s3://BUCKET/PREFIX or file:///DIR")
     source = p.add_mutually_exclusive_group(required=True)
@@ -145,6 +213,40 @@ def _parser() -> argparse.ArgumentParser:
         type=parse_duration,
         default=timedelta(seconds=60),
         help="how long a capture's agent may stay unreachable before the capture is FAILED",
+    )
+    p.add_argument(
+        "--retention",
+        type=_non_negative_duration,
+        default=timedelta(0),
+        metavar="DURATION",
+        help="remove captures (pcaps and records, not the audit trail) this long after they ended, "
+        "e.g. 30d (default 0: keep until deleted)",
+    )
+    p.add_argument(
+        "--retention-sweep-interval",
+        type=_positive_duration,
+        default=timedelta(minutes=5),
+        metavar="DURATION",
+        help="how often expired captures are looked for (default 5m)",
+    )
+    p.add_argument(
+        "--agent-call-timeout",
+        type=parse_duration,
+        default=timedelta(seconds=15),
+        help="deadline of each StartCapture/StopCapture call to an agent (default 15s)",
+    )
+    p.add_argument(
+        "--agent-ca", type=Path, metavar="FILE", help="mutual TLS to the agents: the CA (PEM) that signs them"
+    )
+    p.add_argument(
+        "--agent-cert", type=Path, metavar="FILE", help="mutual TLS to the agents: our client certificate"
+    )
+    p.add_argument("--agent-key", type=Path, metavar="FILE", help="mutual TLS to the agents: its private key")
+    p.add_argument(
+        "--agent-server-name",
+        default="podcap-agent",
+        metavar="NAME",
+        help="the name in the agents' certificates (they are dialled by pod IP; default podcap-agent)",
     )
 
     p = sub.add_parser("agent", help="run the capture agent of one node")
@@ -171,7 +273,57 @@ def _parser() -> argparse.ArgumentParser:
         default=timedelta(seconds=20),
         help="how long uploads may run on SIGTERM before the spool keeps them for the next start",
     )
+    p.add_argument(
+        "--tls-cert", type=Path, metavar="FILE", help="serve mutual TLS only: the agent's certificate (PEM)"
+    )
+    p.add_argument("--tls-key", type=Path, metavar="FILE", help="serve mutual TLS only: its private key")
+    p.add_argument(
+        "--client-ca",
+        type=Path,
+        metavar="FILE",
+        help="serve mutual TLS only: the CA that signs the controller",
+    )
+    p.add_argument(
+        "--controller-name",
+        default="podcap-controller",
+        metavar="NAME",
+        help="with mutual TLS: the name the caller's certificate must carry (default podcap-controller)",
+    )
     return parser
+
+
+def _tls_files(args: argparse.Namespace, cert: str, key: str, ca: str) -> TlsFiles | None:
+    """The three TLS flags of a server command, all or none (`cert` etc. are their argparse dests)."""
+    given = {name: getattr(args, name) for name in (cert, key, ca)}
+    if not any(given.values()):
+        return None
+    if not all(given.values()):
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        missing = ", ".join("--" + name.replace("_", "-") for name, value in given.items() if not value)
+        raise SystemExit(f"podcap {args.command}: {flags} go together; missing {missing}")
+    return TlsFiles(cert=given[cert], key=given[key], ca=given[ca])
+
+
+def _together(args: argparse.Namespace, first: str, second: str) -> Path | None:
+    """The first of two flags that go together; both or neither."""
+    a, b = getattr(args, first), getattr(args, second)
+    if bool(a) != bool(b):
+        flags = f"--{first.replace('_', '-')} and --{second.replace('_', '-')}"
+        raise SystemExit(f"podcap {args.command}: {flags} go together")
+    return a  # type: ignore[no-any-return]
+
+
+def _new_token() -> int:
+    from podcap.controller import new_token
+
+    token, digest = new_token()
+    print(f"token: {token}")
+    print(f"token_sha256: {digest}")
+    print(
+        "(give the token to its user, e.g. as PODCAP_TOKEN; put the hash in the controller's token file)",
+        file=sys.stderr,
+    )
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -182,21 +334,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
-        if args.command == "controller":
-            return _run_controller(args)
-        if args.command == "agent":
-            return _run_agent(args)
+        if args.command in ("controller", "agent"):
+            return _run_server(args)
+        if args.command == "token":
+            return _new_token()
         return asyncio.run(_client_command(args))
     except ClientError as exc:
         print(f"podcap: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `podcap list | head`: the reader left. Point stdout at /dev/null so the interpreter's final flush
+        # does not fail again (the recipe in Python's signal documentation), and exit as `head` expects.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 async def _client_command(args: argparse.Namespace) -> int:
     json_output = args.output == "json"
-    async with Connection(args.server) as conn:
+    async with Connection(args.server, token=args.token, tls=args.tls, ca=args.ca) as conn:
         if args.command == "capture":
             namespace, pod = _capture_target(args)
             capture = await conn.create(
@@ -242,6 +399,17 @@ async def _client_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_server(args: argparse.Namespace) -> int:
+    """The controller or the agent; a configuration it refuses (a bad URL, file or combination of flags) is a
+    message and exit code 2, not a traceback (which -v still logs)."""
+    try:
+        return _run_controller(args) if args.command == "controller" else _run_agent(args)
+    except ValueError as exc:
+        logging.getLogger("podcap").debug("refused configuration", exc_info=True)
+        print(f"podcap {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
 def _capture_target(args: argparse.Namespace) -> tuple[str, str]:
     """NAMESPACE/POD, or -n NAMESPACE with -l SELECTOR."""
     if args.pod and args.selector:
@@ -255,7 +423,14 @@ def _capture_target(args: argparse.Namespace) -> tuple[str, str]:
 
 
 def _run_controller(args: argparse.Namespace) -> int:
-    from podcap.controller import CaptureLimitsCaps, CaptureSettings, ControllerSettings, serve
+    from podcap.controller import (
+        CaptureLimitsCaps,
+        CaptureSettings,
+        ControllerSettings,
+        Quotas,
+        RetentionSettings,
+        serve,
+    )
 
     settings = ControllerSettings(
         listen=args.listen,
@@ -265,13 +440,25 @@ def _run_controller(args: argparse.Namespace) -> int:
         inventory_file=args.inventory,
         agent_namespace=args.agent_namespace,
         agent_port=args.agent_port,
+        agent_call_timeout=args.agent_call_timeout.total_seconds(),
+        agent_tls=_tls_files(args, "agent_cert", "agent_key", "agent_ca"),
+        agent_server_name=args.agent_server_name,
+        auth="tokens" if args.auth_tokens else "kubernetes" if args.auth_kubernetes else "none",
+        token_file=args.auth_tokens,
+        api_tls_cert=_together(args, "tls_cert", "tls_key"),
+        api_tls_key=args.tls_key,
         captures=CaptureSettings(
             caps=CaptureLimitsCaps(max_duration=args.max_duration),
+            quotas=Quotas(
+                max_active_per_user=args.max_active_captures_per_user,
+                max_bytes_per_namespace_per_day=args.max_bytes_per_namespace_per_day,
+            ),
             download_url_ttl=args.download_url_ttl,
             lease_ttl=args.lease_ttl,
             agent_lost_after=args.agent_lost_after,
             **({"replica_id": args.replica_id} if args.replica_id else {}),
         ),
+        retention=RetentionSettings(ttl=args.retention, sweep_interval=args.retention_sweep_interval),
     )
     asyncio.run(serve(settings))
     return 0
@@ -296,6 +483,8 @@ def _run_agent(args: argparse.Namespace) -> int:
             min_free_bytes=args.min_free_bytes,
             shutdown_grace_s=args.shutdown_grace.total_seconds(),
         ),
+        tls=_tls_files(args, "tls_cert", "tls_key", "client_ca"),
+        controller_name=args.controller_name,
     )
     asyncio.run(serve(settings))
     return 0

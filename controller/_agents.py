@@ -1,5 +1,12 @@
 """The controller's client of the node agents: one gRPC channel per agent address, a deadline on every call, and
-the agents' status codes turned back into the controller's own errors."""
+the agents' status codes turned back into the controller's own errors.
+
+Agents are reached by pod IP, so with mutual TLS the agent's certificate is checked against a fixed name
+(`server_name`, e.g. podcap-agent) rather than the address. A unary call that gets no answer ends at its
+deadline (DEADLINE_EXCEEDED, reported as the agent being unreachable); the long WatchCapture stream has no
+deadline, and the channel's keepalive pings (podcap.api.serving) end it with UNAVAILABLE when the agent stops
+answering.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +16,7 @@ from datetime import timedelta
 import grpc
 from google.protobuf.duration_pb2 import Duration
 
+from podcap.api.serving import TlsFiles, channel_credentials, open_channel
 from podcap.api.v1 import agent_pb2, agent_pb2_grpc, common_pb2
 
 from ._errors import ControllerError, InvalidRequest, NotFound, Unavailable, WrongState
@@ -42,15 +50,20 @@ def _error(address: str, error: grpc.aio.AioRpcError) -> ControllerError:
 
 
 class AgentClients:
-    """Channels to the agents, opened on first use and kept."""
+    """Channels to the agents, opened on first use and kept; mutual TLS with `tls`, else plaintext."""
 
-    def __init__(self, call_timeout: float = 15.0) -> None:
+    def __init__(
+        self, call_timeout: float = 15.0, tls: TlsFiles | None = None, server_name: str = "podcap-agent"
+    ) -> None:
         self._call_timeout = call_timeout
+        # Read once, now: a missing or broken PEM file fails the controller's start, not the first capture.
+        self._credentials = channel_credentials(tls) if tls is not None else None
+        self._server_name = server_name
         self._stubs: dict[str, tuple[grpc.aio.Channel, agent_pb2_grpc.AgentServiceAsyncStub]] = {}
 
     def _stub(self, address: str) -> agent_pb2_grpc.AgentServiceAsyncStub:
         if address not in self._stubs:
-            channel = grpc.aio.insecure_channel(address)
+            channel = open_channel(address, self._credentials, self._server_name)
             self._stubs[address] = (channel, agent_pb2_grpc.AgentServiceStub(channel))
         return self._stubs[address][1]
 
@@ -89,7 +102,8 @@ class AgentClients:
             raise _error(address, exc) from exc
 
     async def watch(self, address: str, capture_id: str) -> AsyncIterator[AgentCapture]:
-        """Snapshots until the terminal one; no deadline, since a capture may run for its whole duration."""
+        """Snapshots until the terminal one. No deadline, since a capture may run for its whole duration: the
+        channel's keepalive ends the stream with UNAVAILABLE when the agent stops answering pings."""
         call = self._stub(address).WatchCapture(agent_pb2.AgentCaptureRef(capture_id=capture_id))
         try:
             async for snapshot in call:

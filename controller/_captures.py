@@ -40,6 +40,8 @@ from podcap.storage import (
     TargetRow,
 )
 
+from . import _quotas
+from ._access import AccessControl, Action, Audited, Caller, denial
 from ._agents import AgentCapture, AgentClients, CaptureUnknownToAgent
 from ._errors import (
     CaptureNotFound,
@@ -103,6 +105,7 @@ class CaptureSettings:
     )
     lease_ttl: timedelta = timedelta(seconds=15)
     agent_lost_after: timedelta = timedelta(seconds=60)
+    quotas: _quotas.Quotas = field(default_factory=_quotas.Quotas)
 
 
 class _Changes:
@@ -126,9 +129,11 @@ class Captures:
         inventory: Inventory,
         agents: AgentClients,
         store: ObjectStore,
+        access: AccessControl,
         settings: CaptureSettings = CaptureSettings(),
     ) -> None:
         self._sessions = sessions
+        self._access = access
         self._inventory = inventory
         self._agents = agents
         self._store = store
@@ -146,13 +151,29 @@ class Captures:
 
         return await asyncio.to_thread(run)
 
-    async def create(self, request: CaptureRequest, requester: str) -> CaptureRow:
-        request = validate(request, self._settings.caps)
+    async def create(self, request: CaptureRequest, caller: Caller) -> CaptureRow:
+        """Validates, authorises, applies the quotas and audits; then writes the capture PENDING and starts it."""
+        # In a worker thread: libpcap's compile can take seconds (a long filter, a `host NAME` lookup).
+        request = await asyncio.to_thread(validate, request, self._settings.caps)
+        requester = caller.principal.name
+        if not await self._access.allows(caller, Action.CAPTURE, request.namespace):
+            await self._audit_create(caller, request, "denied")
+            raise denial(caller, Action.CAPTURE, request.namespace)
         if request.request_id:
             existing = await self._tx(lambda repo: repo.find_by_request(requester, request.request_id))
             if existing is not None:
-                return _same_request(existing, request)
+                existing = _same_request(existing, request)
+                await self._audit_create(caller, request, "allowed", existing.id, "a retry, same capture")
+                return existing
         pods = await self._target_pods(request)
+        quotas, now = self._settings.quotas, datetime.now(UTC)
+        try:
+            request = await self._tx(
+                lambda repo: _quotas.apply(quotas, repo, requester, request, len(pods), now)
+            )
+        except LimitExceeded as exc:
+            await self._audit_create(caller, request, "denied", note=str(exc))
+            raise
         nodes = sorted({pod.node for pod in pods})
         addresses = dict(
             zip(
@@ -161,12 +182,19 @@ class Captures:
                 strict=True,
             )
         )
-        row = _new_row(request, requester, pods, addresses)
+        capture_id = uuid.uuid4().hex
+        await self._audit_create(caller, request, "allowed", capture_id)
+        row = _new_row(capture_id, request, requester, pods, addresses)
         for target in row.targets:
             target.lease_owner = self._settings.replica_id
             target.lease_expires_at = row.created_at + self._settings.lease_ttl
 
         def insert(session: Session) -> None:
+            repo = CaptureRepository(session)
+            if quotas != _quotas.Quotas():
+                # Again, under a lock: concurrent requests must not pass together a quota that each passed alone.
+                repo.lock_quotas(f"user:{requester}", f"namespace:{request.namespace}")
+                _quotas.apply(quotas, repo, requester, request, len(pods), now)
             session.add(row)
             session.flush()  # the capture row before the history rows that refer to it
             for target in [None, *row.targets]:
@@ -187,7 +215,26 @@ class Captures:
         errors = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
         if len(errors) == len(outcomes):
             raise errors[0]
-        return await self.get(row.id)
+        return await self._get(row.id)
+
+    async def _audit_create(
+        self, caller: Caller, request: CaptureRequest, result: str, capture_id: str = "", note: str = ""
+    ) -> None:
+        target = f"pod {request.pod}" if request.pod else f"pods matching {request.label_selector!r}"
+        detail = (
+            f"{target}, filter {request.filter!r}, {request.duration.total_seconds():g}s"
+            + (f", max_bytes {request.max_bytes}" if request.max_bytes else "")
+            + (f", reason {request.reason!r}" if request.reason else "")
+            + (f"; {note}" if note else "")
+        )
+        await self._access.audit(
+            caller,
+            Audited.CAPTURE,
+            result=result,
+            namespace=request.namespace,
+            capture_id=capture_id,
+            detail=detail,
+        )
 
     async def _target_pods(self, request: CaptureRequest) -> list[Pod]:
         """The pod, or every capturable pod the selector matches (NOT_FOUND when there is none)."""
@@ -241,7 +288,13 @@ class Captures:
             host_network=row.host_network,
         )
 
-    async def get(self, capture_id: str) -> CaptureRow:
+    async def get(self, capture_id: str, caller: Caller) -> CaptureRow:
+        """The capture, if the caller may read captures in its namespace."""
+        row = await self._get(capture_id)
+        await self._access.require(caller, Action.READ, row.namespace)
+        return row
+
+    async def _get(self, capture_id: str) -> CaptureRow:
         if not _CAPTURE_ID.fullmatch(capture_id):
             # Never echo a long or odd string: the message travels in a gRPC header with a size limit.
             raise InvalidRequest(f"{capture_id[:40]!r} is not a capture id (32 lower-case hex digits)")
@@ -259,9 +312,11 @@ class Captures:
         query = select(EventRow).where(EventRow.capture_id == capture_id).order_by(EventRow.id)
         return await self._session(lambda session: list(session.scalars(query)))
 
-    async def delete(self, capture_id: str, requester: str) -> None:
+    async def delete(self, capture_id: str, caller: Caller) -> None:
         """Removes the capture's objects and marks its row deleted (kept for the audit trail)."""
-        row = await self.get(capture_id)
+        row = await self._get(capture_id)
+        await self._access.check(caller, Action.DELETE, row.namespace, Audited.DELETE, capture_id=capture_id)
+        requester = caller.principal.name
         if row.state not in TERMINAL_STATES:
             raise WrongState(f"capture {capture_id} is {row.state.value}; stop it before deleting it")
         for target in row.targets:
@@ -281,6 +336,7 @@ class Captures:
 
     async def page(
         self,
+        caller: Caller,
         namespace: str,
         pod: str,
         state: CaptureState | None,
@@ -293,9 +349,17 @@ class Captures:
     ) -> Page:
         size = min(max(page_size, 1), 500) if page_size else 50
         after = _decode_token(page_token) if page_token else None
+        readable: frozenset[str] | None = None
+        if namespace:
+            await self._access.require(caller, Action.READ, namespace)
+        else:
+            readable = await self._access.readable_namespaces(caller)
+            if readable is not None and not readable:
+                raise denial(caller, Action.READ, "*")
         rows = await self._tx(
             lambda repo: repo.list(
                 namespace=namespace,
+                namespaces=readable,
                 pod=pod,
                 state=state,
                 limit=size + 1,
@@ -309,12 +373,13 @@ class Captures:
         rows = rows[:size]
         return Page(rows, _encode_token(rows[-1]) if more else "")
 
-    async def watch(self, capture_id: str) -> AsyncIterator[CaptureRow]:
+    async def watch(self, capture_id: str, caller: Caller) -> AsyncIterator[CaptureRow]:
         """The capture now and after every change, ending with its terminal snapshot."""
+        await self.get(capture_id, caller)
         last: datetime | None = None
         while True:
             changed = self._changes.event(capture_id)
-            row = await self.get(capture_id)
+            row = await self._get(capture_id)
             if row.updated_at != last:
                 last = row.updated_at
                 yield row
@@ -323,17 +388,24 @@ class Captures:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(changed.wait(), timeout=_WATCH_POLL_S)
 
-    async def stop(self, capture_id: str) -> CaptureRow:
-        row = await self.get(capture_id)
+    async def stop(self, capture_id: str, caller: Caller) -> CaptureRow:
+        row = await self._get(capture_id)
+        await self._access.check(caller, Action.STOP, row.namespace, Audited.STOP, capture_id=capture_id)
         if row.state in TERMINAL_STATES:
             raise WrongState(f"capture {capture_id} is already {row.state.value}")
         for target in row.targets:
             if target.state == CaptureState.RUNNING:
                 await self._agents.stop(target.agent_address, _agent_capture_id(row.id, target.index))
-        return await self.get(capture_id)
+        return await self._get(capture_id)
 
-    async def _stored_target(self, capture_id: str, index: int) -> tuple[CaptureRow, TargetRow]:
-        row = await self.get(capture_id)
+    async def _stored_target(
+        self, capture_id: str, index: int, caller: Caller, audited: Audited
+    ) -> tuple[CaptureRow, TargetRow]:
+        """The target whose pcap is to be handed out, once the caller is authorised and the decision audited."""
+        row = await self._get(capture_id)
+        await self._access.check(
+            caller, Action.DOWNLOAD, row.namespace, audited, capture_id=capture_id, detail=f"target {index}"
+        )
         if not 0 <= index < len(row.targets):
             raise InvalidRequest(f"capture {capture_id} has no target {index} (it has {len(row.targets)})")
         target = row.targets[index]
@@ -347,15 +419,15 @@ class Captures:
             )
         return row, target
 
-    async def download_url(self, capture_id: str, index: int) -> Download:
-        row, target = await self._stored_target(capture_id, index)
+    async def download_url(self, capture_id: str, index: int, caller: Caller) -> Download:
+        row, target = await self._stored_target(capture_id, index, caller, Audited.DOWNLOAD_URL)
         ttl = self._settings.download_url_ttl
         filename = pcap_filename(target, row.created_at)
         url = await asyncio.to_thread(self._store.presign_get, target.object_key, ttl, filename)
         return Download(url=url, expires_at=datetime.now(UTC) + ttl, filename=filename)
 
-    async def download(self, capture_id: str, index: int) -> AsyncIterator[bytes]:
-        _, target = await self._stored_target(capture_id, index)
+    async def download(self, capture_id: str, index: int, caller: Caller) -> AsyncIterator[bytes]:
+        _, target = await self._stored_target(capture_id, index, caller, Audited.DOWNLOAD)
         chunks: Iterator[bytes] = await asyncio.to_thread(self._store.iter_bytes, target.object_key)
         try:
             while (chunk := await asyncio.to_thread(next, chunks, b"")) != b"":
@@ -583,9 +655,10 @@ def _capturable(pod: Pod, request: CaptureRequest) -> bool:
     return True
 
 
-def _new_row(request: CaptureRequest, requester: str, pods: list[Pod], agents: dict[str, str]) -> CaptureRow:
+def _new_row(
+    capture_id: str, request: CaptureRequest, requester: str, pods: list[Pod], agents: dict[str, str]
+) -> CaptureRow:
     now = datetime.now(UTC)
-    capture_id = uuid.uuid4().hex
     row = CaptureRow(
         id=capture_id,
         request_id=request.request_id or None,

@@ -7,11 +7,13 @@
     │   └── CaptureNotFound
     ├── WrongState            pod not running, download too early, ...  -> FAILED_PRECONDITION
     │   └── NoAgentOnNode
-    ├── Forbidden             the controller itself lacks a permission  -> PERMISSION_DENIED
+    ├── Unauthenticated       no, unknown or malformed credentials      -> UNAUTHENTICATED
+    ├── Forbidden             the caller (or, in Kubernetes, the        -> PERMISSION_DENIED
+    │                         controller itself) lacks a permission
     ├── LimitExceeded         a limit or quota                          -> RESOURCE_EXHAUSTED
     └── Unavailable           Kubernetes, an agent, S3 or the DB down   -> UNAVAILABLE
 
-The mapping to gRPC status codes lives in one table in `_status.py`; the rest of the controller only raises.
+The mapping to gRPC status codes lives in one table, `ERRORS` in `_servicer.py`; the rest of the controller only raises.
 A client library's exception is chained as `__cause__`.
 """
 
@@ -41,6 +43,10 @@ class WrongState(ControllerError):
 
 
 class NoAgentOnNode(WrongState):
+    pass
+
+
+class Unauthenticated(ControllerError):
     pass
 
 

@@ -1,4 +1,5 @@
-"""The inventory in a cluster: pods and node agents read from the Kubernetes API with the official client.
+"""The cluster through the official client: the inventory (pods and node agents) and, optionally, access
+control delegated to Kubernetes (TokenReview for who a caller is, SubjectAccessReview for what RBAC lets them do).
 
 This is the only module that imports `kubernetes`. Everything the client can raise is turned here into the
 controller's errors (PodNotFound, Forbidden, Unavailable, ...) with a message a support engineer can act on
@@ -14,7 +15,10 @@ Two client behaviours are corrected on the way:
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import json
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,11 +29,13 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
 
+from podcap.controller._access import Action, Principal
 from podcap.controller._errors import (
     Forbidden,
     InvalidRequest,
     NoAgentOnNode,
     PodNotFound,
+    Unauthenticated,
     Unavailable,
 )
 from podcap.controller._inventory import AGENT_LABEL, ContainerStatus, Pod
@@ -68,31 +74,14 @@ class KubernetesInventory:
 
         ValueError naming the file when it cannot be used.
         """
-        configuration = client.Configuration()
-        configuration.retries = _RETRIES
-        try:
-            api_client = config.new_client_from_config(
-                config_file=str(path),
-                context=context,
-                persist_config=False,
-                client_configuration=configuration,
-            )
-        except (ConfigException, OSError, ValueError) as error:
-            raise ValueError(f"kubeconfig {path}: {error}") from error
-        return cls(api_client, agent_namespace, agent_port, request_timeout)
+        return cls(_client_from_kubeconfig(path, context), agent_namespace, agent_port, request_timeout)
 
     @classmethod
     def in_cluster(
         cls, *, agent_namespace: str, agent_port: int, request_timeout: float = 5.0
     ) -> KubernetesInventory:
         """From the pod's service account; ValueError when not running in a cluster."""
-        configuration = client.Configuration()
-        try:
-            config.load_incluster_config(client_configuration=configuration)
-        except ConfigException as error:
-            raise ValueError(f"in-cluster Kubernetes configuration unavailable: {error}") from error
-        configuration.retries = _RETRIES
-        return cls(client.ApiClient(configuration), agent_namespace, agent_port, request_timeout)
+        return cls(_client_in_cluster(), agent_namespace, agent_port, request_timeout)
 
     def close(self) -> None:
         """Close the client's connections (idle keep-alive sockets included)."""
@@ -165,6 +154,137 @@ class KubernetesInventory:
         return Unavailable(
             f"Kubernetes API at {self._host} answered {status} {error.reason} to {what}: {message}"
         )
+
+
+def _client_from_kubeconfig(path: str | Path, context: str | None = None) -> client.ApiClient:
+    """A client from a kubeconfig file (ValueError naming the file); the global default is left alone."""
+    configuration = client.Configuration()
+    configuration.retries = _RETRIES
+    try:
+        return config.new_client_from_config(
+            config_file=str(path),
+            context=context,
+            persist_config=False,
+            client_configuration=configuration,
+        )
+    except (ConfigException, OSError, ValueError) as error:
+        raise ValueError(f"kubeconfig {path}: {error}") from error
+
+
+def _client_in_cluster() -> client.ApiClient:
+    """A client from the pod's service account; ValueError when not running in a cluster."""
+    configuration = client.Configuration()
+    try:
+        config.load_incluster_config(client_configuration=configuration)
+    except ConfigException as error:
+        raise ValueError(f"in-cluster Kubernetes configuration unavailable: {error}") from error
+    configuration.retries = _RETRIES
+    return client.ApiClient(configuration)
+
+
+# The RBAC verbs on the virtual subresource pods/capture that allow each action: a Role grants them as
+#   rules: [{apiGroups: [""], resources: ["pods/capture"], verbs: ["create", "get", "download", ...]}]
+RBAC_VERBS = {
+    Action.CAPTURE: "create",
+    Action.READ: "get",
+    Action.DOWNLOAD: "download",
+    Action.STOP: "stop",
+    Action.DELETE: "delete",
+}
+
+
+class KubernetesAccess:
+    """Authenticator and Authorizer that ask the API server: a caller presents a Kubernetes bearer token (a
+    service account's, or an OIDC id token the cluster accepts); TokenReview names the user and groups, and a
+    SubjectAccessReview per decision asks RBAC about the verb on `pods/capture` in the namespace.
+
+    Answers are cached briefly (`cache_ttl`), so a burst of calls costs one review; a revoked token or role
+    stops working within that time. The controller's service account needs `create` on tokenreviews and
+    subjectaccessreviews (deploy/ grants it).
+    """
+
+    def __init__(
+        self, api_client: client.ApiClient, request_timeout: float = 5.0, cache_ttl: float = 10.0
+    ) -> None:
+        self._api_client = api_client
+        self._authn = client.AuthenticationV1Api(api_client)
+        self._authz = client.AuthorizationV1Api(api_client)
+        self._timeout = (request_timeout, request_timeout)
+        self._host = str(api_client.configuration.host)
+        self._ttl = cache_ttl
+        self._tokens: dict[bytes, tuple[float, Principal]] = {}
+        self._decisions: dict[tuple[Principal, str, str], tuple[float, bool]] = {}
+
+    @classmethod
+    def from_kubeconfig(cls, path: str | Path) -> KubernetesAccess:
+        return cls(_client_from_kubeconfig(path))
+
+    @classmethod
+    def in_cluster(cls) -> KubernetesAccess:
+        return cls(_client_in_cluster())
+
+    async def authenticate(self, token: str) -> Principal:
+        if not token:
+            raise Unauthenticated("no credentials: send 'authorization: Bearer TOKEN' (a Kubernetes token)")
+        key = hashlib.sha256(token.encode()).digest()  # never keep the token itself
+        cached = self._tokens.get(key)
+        if cached is not None and cached[0] > time.monotonic():
+            return cached[1]
+        review = client.V1TokenReview(spec=client.V1TokenReviewSpec(token=token))
+        answer = await asyncio.to_thread(
+            self._call, "create tokenreviews", self._authn.create_token_review, review
+        )
+        status = answer.status
+        if status is None or not status.authenticated or status.user is None:
+            reason = (status and status.error) or "not authenticated"
+            raise Unauthenticated(f"the Kubernetes API did not accept the token: {reason}")
+        principal = Principal(str(status.user.username), tuple(status.user.groups or ()))
+        self._remember(self._tokens, key, principal)
+        return principal
+
+    async def allowed(self, principal: Principal, action: Action, namespace: str) -> bool:
+        verb = RBAC_VERBS[action]
+        key = (principal, verb, namespace)
+        cached = self._decisions.get(key)
+        if cached is not None and cached[0] > time.monotonic():
+            return cached[1]
+        review = client.V1SubjectAccessReview(
+            spec=client.V1SubjectAccessReviewSpec(
+                user=principal.name,
+                groups=list(principal.groups),
+                resource_attributes=client.V1ResourceAttributes(
+                    namespace=namespace or None, verb=verb, resource="pods", subresource="capture"
+                ),
+            )
+        )
+        answer = await asyncio.to_thread(
+            self._call, "create subjectaccessreviews", self._authz.create_subject_access_review, review
+        )
+        allowed = bool(answer.status and answer.status.allowed)
+        self._remember(self._decisions, key, allowed)
+        return allowed
+
+    async def namespaces(self, principal: Principal, action: Action) -> frozenset[str] | None:
+        """Every namespace when RBAC allows the verb cluster-wide; otherwise none without naming one (RBAC
+        cannot list where a user may do something, so such a user lists one namespace at a time)."""
+        return None if await self.allowed(principal, action, "") else frozenset()
+
+    def _remember(self, cache: dict[Any, tuple[float, Any]], key: Any, value: Any) -> None:
+        if len(cache) > 10_000:  # bounded: forget everything rather than grow without end
+            cache.clear()
+        cache[key] = (time.monotonic() + self._ttl, value)
+
+    def _call(self, what: str, method: Any, body: Any) -> Any:
+        try:
+            return method(body, _request_timeout=self._timeout)
+        except ApiException as error:
+            if error.status == 403:
+                raise Forbidden(f"the controller may not {what} (RBAC): {_status_message(error)}") from error
+            raise Unavailable(
+                f"Kubernetes API at {self._host} answered {error.status} to {what}: {_status_message(error)}"
+            ) from error
+        except (urllib3.exceptions.HTTPError, OSError) as error:
+            raise Unavailable(f"Kubernetes API unreachable at {self._host}: {error}") from error
 
 
 def _status_message(error: ApiException) -> str:

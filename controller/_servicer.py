@@ -12,12 +12,14 @@ from typing import Any
 import grpc
 from google.protobuf import json_format
 from google.protobuf.duration_pb2 import Duration
+from sqlalchemy.exc import TimeoutError as ConnectionPoolTimeout
 
 from podcap.api.serving import timestamp
 from podcap.api.status import ErrorTable, maps_errors, maps_stream_errors
 from podcap.api.v1 import capture_pb2, capture_pb2_grpc, common_pb2
 from podcap.storage import CaptureRow, CaptureState, StorageError, TargetRow
 
+from ._access import AccessControl, Audited, Caller
 from ._agents import AgentFailed
 from ._captures import Captures
 from ._errors import (
@@ -26,6 +28,7 @@ from ._errors import (
     InvalidRequest,
     LimitExceeded,
     NotFound,
+    Unauthenticated,
     Unavailable,
     WrongState,
 )
@@ -37,10 +40,13 @@ ERRORS: ErrorTable = {
     InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
     NotFound: grpc.StatusCode.NOT_FOUND,
     WrongState: grpc.StatusCode.FAILED_PRECONDITION,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     Forbidden: grpc.StatusCode.PERMISSION_DENIED,
     LimitExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
     StorageError: grpc.StatusCode.UNAVAILABLE,
+    # Every pooled database connection stayed busy for the pool's whole timeout: overloaded, try again.
+    ConnectionPoolTimeout: grpc.StatusCode.UNAVAILABLE,
     AgentFailed: grpc.StatusCode.INTERNAL,
     ControllerError: grpc.StatusCode.INTERNAL,
 }
@@ -55,13 +61,19 @@ _STATES = {
 }
 _FROM_PROTO = {value: state for state, value in _STATES.items()}
 
-# Until authentication lands every caller is the same anonymous user; the audit trail says so honestly.
-ANONYMOUS = "anonymous"
-
 
 class CaptureServicer(capture_pb2_grpc.CaptureServiceServicer):
-    def __init__(self, captures: Captures) -> None:
+    """Every method first authenticates its caller; the use cases authorise, audit and act."""
+
+    def __init__(self, captures: Captures, access: AccessControl) -> None:
         self._captures = captures
+        self._access = access
+
+    async def _caller(self, context: Context, audited: Audited | None = None) -> Caller:
+        authorization = next(
+            (str(value) for key, value in context.invocation_metadata() or () if key == "authorization"), ""
+        )
+        return await self._access.authenticate(authorization, context.peer(), audited)
 
     @maps_errors(ERRORS)
     async def CreateCapture(
@@ -82,7 +94,7 @@ class CaptureServicer(capture_pb2_grpc.CaptureServiceServicer):
                 pod_interface=request.pod_interface,
                 host_network=request.host_network,
             ),
-            requester=ANONYMOUS,
+            await self._caller(context, Audited.CAPTURE),
         )
         return capture_message(row)
 
@@ -90,7 +102,7 @@ class CaptureServicer(capture_pb2_grpc.CaptureServiceServicer):
     async def GetCapture(
         self, request: capture_pb2.GetCaptureRequest, context: Context
     ) -> capture_pb2.Capture:
-        row = await self._captures.get(request.id)
+        row = await self._captures.get(request.id, await self._caller(context))
         message = capture_message(row)
         for event in await self._captures.history(request.id):
             target = None if event.target_index is None else row.targets[event.target_index]
@@ -119,6 +131,7 @@ class CaptureServicer(capture_pb2_grpc.CaptureServiceServicer):
         if created_after and created_before and created_after > created_before:
             raise InvalidRequest("created_after is later than created_before")
         page = await self._captures.page(
+            await self._caller(context),
             namespace=request.namespace,
             pod=request.pod,
             state=_FROM_PROTO.get(request.state),
@@ -136,20 +149,22 @@ class CaptureServicer(capture_pb2_grpc.CaptureServiceServicer):
     async def WatchCapture(
         self, request: capture_pb2.WatchCaptureRequest, context: Context
     ) -> AsyncIterator[capture_pb2.Capture]:
-        async for row in self._captures.watch(request.id):
+        async for row in self._captures.watch(request.id, await self._caller(context)):
             yield capture_message(row)
 
     @maps_errors(ERRORS)
     async def StopCapture(
         self, request: capture_pb2.StopCaptureRequest, context: Context
     ) -> capture_pb2.Capture:
-        return capture_message(await self._captures.stop(request.id))
+        caller = await self._caller(context, Audited.STOP)
+        return capture_message(await self._captures.stop(request.id, caller))
 
     @maps_errors(ERRORS)
     async def GetDownloadUrl(
         self, request: capture_pb2.GetDownloadUrlRequest, context: Context
     ) -> capture_pb2.GetDownloadUrlResponse:
-        download = await self._captures.download_url(request.id, request.target)
+        caller = await self._caller(context, Audited.DOWNLOAD_URL)
+        download = await self._captures.download_url(request.id, request.target, caller)
         return capture_pb2.GetDownloadUrlResponse(
             url=download.url, expire_time=timestamp(download.expires_at), filename=download.filename
         )
@@ -158,14 +173,15 @@ class CaptureServicer(capture_pb2_grpc.CaptureServiceServicer):
     async def DownloadCapture(
         self, request: capture_pb2.DownloadCaptureRequest, context: Context
     ) -> AsyncIterator[capture_pb2.DownloadChunk]:
-        async for chunk in self._captures.download(request.id, request.target):
+        caller = await self._caller(context, Audited.DOWNLOAD)
+        async for chunk in self._captures.download(request.id, request.target, caller):
             yield capture_pb2.DownloadChunk(data=chunk)
 
     @maps_errors(ERRORS)
     async def DeleteCapture(
         self, request: capture_pb2.DeleteCaptureRequest, context: Context
     ) -> capture_pb2.DeleteCaptureResponse:
-        await self._captures.delete(request.id, requester=ANONYMOUS)
+        await self._captures.delete(request.id, await self._caller(context, Audited.DELETE))
         return capture_pb2.DeleteCaptureResponse()
 
 

@@ -3,15 +3,19 @@
 It knows nothing of the controller or the agent; both reach their data through the names below.
 """
 
+from ._audit import AuditLog
 from ._db import create_engine_for, make_sessionmaker, migrate
 from ._errors import DatabaseUnavailable, ObjectNotFound, StorageError, StoreUnavailable
 from ._leases import Claim, TargetLeases
-from ._models import TERMINAL_STATES, Base, CaptureRow, CaptureState, EventRow, TargetRow
+from ._models import TERMINAL_STATES, AuditRow, Base, CaptureRow, CaptureState, EventRow, TargetRow
 from ._objectstore import ObjectStore, StoredObject, Upload, open_store
 from ._repository import CaptureRepository
+from ._retention import ExpiredCapture, ExpiredCaptures
 
 __all__ = [
     "TERMINAL_STATES",
+    "AuditLog",
+    "AuditRow",
     "Base",
     "CaptureRepository",
     "CaptureRow",
@@ -19,6 +23,8 @@ __all__ = [
     "Claim",
     "DatabaseUnavailable",
     "EventRow",
+    "ExpiredCapture",
+    "ExpiredCaptures",
     "ObjectNotFound",
     "ObjectStore",
     "StorageError",

@@ -4,6 +4,11 @@ Built once at start-up by the controller (DESIGN: engine and sessionmaker at sta
 transaction). The two supported backends differ in ways the rest of the code must not see, so they are
 smoothed over here: SQLite gets foreign keys and real write locks, PostgreSQL gets psycopg 3 and connection
 liveness checks, and both turn "the database is not there" into :class:`DatabaseUnavailable`.
+
+Every database wait is bounded, so a stuck database fails requests (UNAVAILABLE) instead of hanging them and
+pinning the worker threads that every other request needs: connecting, waiting for a lock, running a
+statement, waiting for a pooled connection (constants below). Migrations, which may legitimately wait for
+another replica's migration or rewrite a table, get longer limits of their own.
 """
 
 import importlib.resources
@@ -23,6 +28,22 @@ __all__ = ["create_engine_for", "make_sessionmaker", "migrate"]
 # Any constant works; it only has to be the same in every controller replica.
 _MIGRATION_LOCK_KEY = 0x706F64636170  # "podcap"
 
+# PostgreSQL: a server that does not answer fails the connect in 5 s. Our transactions are short (a few rows
+# each), so waiting 5 s for a row or table lock means something else holds it far too long (a manual
+# `LOCK TABLE`, a stuck migration): fail the request instead (LockNotAvailable -> DatabaseUnavailable). No
+# statement of ours should take 15 s; one that does is cancelled rather than left holding a worker thread.
+_PG_CONNECT_TIMEOUT_S = 5
+_PG_LOCK_TIMEOUT_MS = 5_000
+_PG_STATEMENT_TIMEOUT_MS = 15_000
+# Migrations wait for a concurrent replica's migration and may rewrite tables: bounded, but generously.
+_PG_MIGRATION_TIMEOUT = "10min"
+# SQLite: how long a writer waits for another connection's write lock (BEGIN IMMEDIATE) before "database is
+# locked" (an OperationalError -> DatabaseUnavailable).
+_SQLITE_BUSY_TIMEOUT_S = 10.0
+# Both: how long a request waits for a free pooled connection before it fails. That failure is SQLAlchemy's
+# own TimeoutError, raised before any DBAPI call, so the handle_error hook below does not see it.
+_POOL_TIMEOUT_S = 10.0
+
 
 def create_engine_for(url: str) -> Engine:
     """An engine for ``sqlite:///PATH`` or ``postgresql://...`` (psycopg 3 unless another driver is named)."""
@@ -35,9 +56,21 @@ def create_engine_for(url: str) -> Engine:
     backend = sa_url.get_backend_name()
     if backend == "postgresql":
         # Pre-ping: a long-running controller survives a database restart without a failed request.
-        engine = create_engine(sa_url, pool_pre_ping=True)
+        engine = create_engine(
+            sa_url,
+            pool_pre_ping=True,
+            pool_timeout=_POOL_TIMEOUT_S,
+            connect_args={
+                "connect_timeout": _PG_CONNECT_TIMEOUT_S,
+                "options": f"-c lock_timeout={_PG_LOCK_TIMEOUT_MS} -c statement_timeout={_PG_STATEMENT_TIMEOUT_MS}",
+            },
+        )
     elif backend == "sqlite":
-        engine = create_engine(sa_url, connect_args={"check_same_thread": False})
+        engine = create_engine(
+            sa_url,
+            pool_timeout=_POOL_TIMEOUT_S,
+            connect_args={"check_same_thread": False, "timeout": _SQLITE_BUSY_TIMEOUT_S},
+        )
         event.listen(engine, "connect", _sqlite_on_connect)
         event.listen(engine, "begin", _sqlite_on_begin)
     else:
@@ -89,6 +122,11 @@ def migrate(engine_or_url: Engine | str) -> None:
     try:
         with engine.begin() as connection:
             if connection.dialect.name == "postgresql":
+                for setting in ("lock_timeout", "statement_timeout"):
+                    connection.execute(
+                        text("SELECT set_config(:name, :value, true)"),
+                        {"name": setting, "value": _PG_MIGRATION_TIMEOUT},
+                    )
                 # Replicas starting together would otherwise race to create the same tables.
                 connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK_KEY})
             with importlib.resources.as_file(

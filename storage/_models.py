@@ -33,6 +33,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, MappedColumn, mapped_column,
 
 __all__ = [
     "TERMINAL_STATES",
+    "AuditRow",
     "Base",
     "CaptureRow",
     "CaptureState",
@@ -232,3 +233,30 @@ class EventRow(Base):
     state: Mapped[CaptureState] = _state_column()
     at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     detail: Mapped[str] = _text()
+
+
+class AuditRow(Base):
+    """One access decision on a capture: who asked to do what, from where, when, and whether it was allowed.
+
+    Append-only: written before the action it allows, never updated or deleted (migration 0005 adds triggers
+    that refuse UPDATE and DELETE on both backends). It names its capture by id only, without a foreign key,
+    so the record outlives the capture (deletion, retention).
+    """
+
+    __tablename__ = "audit_events"
+    __table_args__ = (Index(None, "at"), Index(None, "actor", "at"), Index(None, "capture_id"))
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True
+    )
+    at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    actor: Mapped[str] = mapped_column(String(256))
+    action: Mapped[str] = mapped_column(String(16))
+    namespace: Mapped[str] = _text(String(253))
+    capture_id: Mapped[str] = _text(String(32))
+    peer: Mapped[str] = _text(String(256))
+    result: Mapped[str] = mapped_column(String(16))  # allowed, denied or unauthenticated
+    detail: Mapped[str] = _text()
+
+    def __repr__(self) -> str:
+        return f"<AuditRow {self.id} {self.actor} {self.action} {self.namespace} {self.result}>"

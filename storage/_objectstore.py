@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Protocol
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from ._errors import StorageError
 
@@ -20,6 +20,10 @@ __all__ = ["ObjectStore", "StoredObject", "Upload", "check_key", "open_store", "
 
 # Reading a file into an upload: large enough for few system calls, small enough to bound memory.
 _FILE_CHUNK = 1 << 20
+
+# Options an s3:// URL may carry, and the server-side encryption algorithms S3 takes for ``sse``.
+_S3_OPTIONS = frozenset({"sse", "kms_key_id"})
+_SSE_ALGORITHMS = ("AES256", "aws:kms")
 
 
 @dataclass(frozen=True)
@@ -108,20 +112,60 @@ def upload_path(store: ObjectStore, key: str, path: Path) -> StoredObject:
 
 
 def open_store(url: str) -> ObjectStore:
-    """The store for ``s3://BUCKET[/PREFIX]`` or ``file:///DIR``; any other URL raises ValueError."""
+    """The store for ``s3://BUCKET[/PREFIX][?OPTIONS]`` or ``file:///DIR``; any other URL raises ValueError.
+
+    S3 options (the URL is the one setting every process shares, so the agent that writes objects and the
+    controller that reads them cannot disagree): ``sse=AES256`` or ``sse=aws:kms`` (optionally with
+    ``kms_key_id=KEY``) writes every object with that server-side encryption.
+    """
     parts = urlsplit(url)
     if parts.scheme == "s3":
         if not parts.netloc:
             raise ValueError(
                 f"invalid object store URL {url!r}: s3:// URLs need a bucket, s3://BUCKET/PREFIX"
             )
+        sse, kms_key_id = _s3_options(url, parts.query)
         from ._s3 import S3Store  # boto3 is only imported when S3 is used
 
-        return S3Store(bucket=parts.netloc, prefix=unquote(parts.path).strip("/"))
+        return S3Store(
+            bucket=parts.netloc, prefix=unquote(parts.path).strip("/"), sse=sse, kms_key_id=kms_key_id
+        )
     if parts.scheme == "file":
         if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
             raise ValueError(f"invalid object store URL {url!r}: expected an absolute path, file:///DIR")
+        if parts.query or parts.fragment:
+            raise ValueError(
+                f"invalid object store URL {url!r}: file:// URLs take no options "
+                "(server-side encryption is an S3 feature; encrypt the directory's file system instead)"
+            )
         from ._localdir import LocalDirStore
 
         return LocalDirStore(Path(unquote(parts.path)))
     raise ValueError(f"unsupported object store URL {url!r}: expected s3://BUCKET[/PREFIX] or file:///DIR")
+
+
+def _s3_options(url: str, query: str) -> tuple[str, str]:
+    """``(sse, kms_key_id)`` from an s3:// URL's query; anything unknown, repeated or inconsistent is refused,
+    so a typo cannot silently leave pcaps unencrypted."""
+    try:
+        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
+    except ValueError as exc:
+        raise ValueError(f"invalid object store URL {url!r}: cannot parse its options: {exc}") from exc
+    options: dict[str, str] = {}
+    for name, value in pairs:
+        if name not in _S3_OPTIONS:
+            known = ", ".join(sorted(_S3_OPTIONS))
+            raise ValueError(f"invalid object store URL {url!r}: unknown option {name!r} (known: {known})")
+        if name in options:
+            raise ValueError(f"invalid object store URL {url!r}: option {name!r} is given twice")
+        options[name] = value
+    sse, kms_key_id = options.get("sse"), options.get("kms_key_id")
+    if sse is not None and sse not in _SSE_ALGORITHMS:
+        raise ValueError(
+            f"invalid object store URL {url!r}: sse={sse!r} is not one of {', '.join(_SSE_ALGORITHMS)}"
+        )
+    if kms_key_id is not None and (sse != "aws:kms" or not kms_key_id):
+        raise ValueError(
+            f"invalid object store URL {url!r}: kms_key_id needs sse=aws:kms and a non-empty key id or ARN"
+        )
+    return sse or "", kms_key_id or ""

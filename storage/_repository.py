@@ -5,12 +5,14 @@ session:``), so several repository calls and the state change they lead to commi
 """
 
 import builtins
+import hashlib
+from collections.abc import Collection
 from datetime import datetime
 
-from sqlalchemy import delete, select, tuple_
+from sqlalchemy import case, delete, func, select, text, tuple_
 from sqlalchemy.orm import Session
 
-from ._models import CaptureRow, CaptureState, TargetRow
+from ._models import TERMINAL_STATES, CaptureRow, CaptureState, TargetRow
 
 __all__ = ["CaptureRepository"]
 
@@ -51,10 +53,12 @@ class CaptureRepository:
         requester: str = "",
         created_after: datetime | None = None,
         created_before: datetime | None = None,
+        namespaces: Collection[str] | None = None,
     ) -> builtins.list[CaptureRow]:
         """Captures newest first, filtered; ``after`` is the (created_at, id) of the last row of the previous page.
 
-        Empty filters match everything; ``created_after``/``created_before`` select created_at in the half-open
+        Empty filters match everything; ``namespaces`` (None: any) limits the result to the namespaces a caller
+        may read; ``created_after``/``created_before`` select created_at in the half-open
         range [after, before), so consecutive ranges neither overlap nor leave gaps. ``pod`` matches every
         capture that captured that pod (any of its targets): a label-selector capture names its pods only in its
         targets, and a capture for one pod always has that pod as its target.
@@ -67,6 +71,8 @@ class CaptureRepository:
         query = select(CaptureRow).where(CaptureRow.deleted_at.is_(None))
         if namespace:
             query = query.where(CaptureRow.namespace == namespace)
+        if namespaces is not None:
+            query = query.where(CaptureRow.namespace.in_(sorted(namespaces)))
         if pod:
             # Targets only, not ``captures.pod = :pod OR ...``: an OR with a subquery can use no index and reads
             # every capture (of the namespace) when the pod is rare. As ``id IN (SELECT ...)`` rather than an
@@ -89,6 +95,47 @@ class CaptureRepository:
             query = query.where(tuple_(CaptureRow.created_at, CaptureRow.id) < after)
         query = query.order_by(CaptureRow.created_at.desc(), CaptureRow.id.desc()).limit(limit)
         return builtins.list(self.session.scalars(query))
+
+    def lock_quotas(self, *keys: str) -> None:
+        """Serialises, until the transaction ends, the transactions that check and spend these quotas.
+
+        PostgreSQL: transaction-scoped advisory locks, taken in a fixed order so two callers cannot deadlock.
+        SQLite: nothing to do, every write transaction already holds the database's write lock (BEGIN IMMEDIATE).
+        """
+        if self.session.get_bind().dialect.name != "postgresql":
+            return
+        for key in sorted(set(keys)):
+            lock = int.from_bytes(
+                hashlib.sha256(f"podcap-quota:{key}".encode()).digest()[:8], "big", signed=True
+            )
+            self.session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": lock})
+
+    def active_count(self, requester: str) -> int:
+        """How many of this caller's captures are not finished yet (PENDING, RUNNING or UPLOADING)."""
+        query = select(func.count()).where(
+            CaptureRow.requester == requester, CaptureRow.state.not_in(TERMINAL_STATES)
+        )
+        return int(self.session.scalar(query) or 0)
+
+    def bytes_committed(self, namespace: str, since: datetime) -> int:
+        """Bytes of the namespace's captures created since ``since``: what finished targets stored, plus, for
+        each unfinished target, its ``max_bytes`` (the most it may still store) or, without one, what it has."""
+        unfinished_cap = case(
+            (
+                TargetRow.state.not_in(TERMINAL_STATES) & (CaptureRow.max_bytes > 0),
+                func.greatest(CaptureRow.max_bytes, TargetRow.bytes)
+                if self.session.get_bind().dialect.name == "postgresql"
+                else func.max(CaptureRow.max_bytes, TargetRow.bytes),
+            ),
+            else_=TargetRow.bytes,
+        )
+        query = (
+            select(func.coalesce(func.sum(unfinished_cap), 0))
+            .select_from(TargetRow)
+            .join(CaptureRow, CaptureRow.id == TargetRow.capture_id)
+            .where(CaptureRow.namespace == namespace, CaptureRow.created_at >= since)
+        )
+        return int(self.session.scalar(query) or 0)
 
     def delete(self, capture_id: str) -> bool:
         """Delete a capture (its targets go by the foreign key's ON DELETE CASCADE); False if absent."""

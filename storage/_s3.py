@@ -109,10 +109,16 @@ def _safe_filename(filename: str) -> str:
 class S3Store:
     """Objects under ``s3://bucket/prefix``."""
 
-    def __init__(self, bucket: str, prefix: str = "") -> None:
+    def __init__(self, bucket: str, prefix: str = "", *, sse: str = "", kms_key_id: str = "") -> None:
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.url = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
+        # Server-side encryption of every object written; reading needs nothing (S3 decrypts, given kms:Decrypt).
+        self._encryption: dict[str, Any] = {}
+        if sse:
+            self._encryption["ServerSideEncryption"] = sse
+        if kms_key_id:
+            self._encryption["SSEKMSKeyId"] = kms_key_id
         # A session per store: boto3's default session is not safe to share across threads; clients are.
         self._client: S3Client = boto3.session.Session().client("s3", config=_CONFIG)
 
@@ -121,7 +127,14 @@ class S3Store:
         return f"{self.prefix}/{key}" if self.prefix else key
 
     def open_upload(self, key: str) -> "S3Upload":
-        return S3Upload(self._client, self.bucket, key, self._key(key), what=f"upload to {self.url}/{key}")
+        return S3Upload(
+            self._client,
+            self.bucket,
+            key,
+            self._key(key),
+            what=f"upload to {self.url}/{key}",
+            encryption=self._encryption,
+        )
 
     def upload_file(self, key: str, path: Path) -> StoredObject:
         return upload_path(self, key, path)
@@ -164,8 +177,19 @@ class S3Store:
 class S3Upload:
     """A multipart upload, started lazily: objects smaller than one part are sent with a single PUT."""
 
-    def __init__(self, client: "S3Client", bucket: str, key: str, s3_key: str, *, what: str) -> None:
+    def __init__(
+        self,
+        client: "S3Client",
+        bucket: str,
+        key: str,
+        s3_key: str,
+        *,
+        what: str,
+        encryption: dict[str, Any] | None = None,
+    ) -> None:
         self._client = client
+        # Encryption is set when the object is created: on the single PUT, or on the multipart upload's start.
+        self._encryption = encryption or {}
         self._bucket = bucket
         self._key = key
         self._s3_key = s3_key
@@ -204,7 +228,7 @@ class S3Upload:
         with _translated(self._what):
             if self._upload_id is None:
                 created = self._client.create_multipart_upload(
-                    Bucket=self._bucket, Key=self._s3_key, **self._checksum
+                    Bucket=self._bucket, Key=self._s3_key, **self._checksum, **self._encryption
                 )
                 self._upload_id = created["UploadId"]
             number = len(self._parts) + 1
@@ -226,7 +250,9 @@ class S3Upload:
             raise ValueError(f"upload of {self._key!r} is already completed or aborted")
         if self._upload_id is None:
             with _translated(self._what):
-                self._client.put_object(Bucket=self._bucket, Key=self._s3_key, Body=bytes(self._buffer))
+                self._client.put_object(
+                    Bucket=self._bucket, Key=self._s3_key, Body=bytes(self._buffer), **self._encryption
+                )
         else:
             if self._buffer:
                 self._send_part(bytes(self._buffer))

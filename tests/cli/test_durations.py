@@ -17,6 +17,8 @@ from podcap.cli._main import parse_duration
         ("1m30s", timedelta(seconds=90)),
         ("500ms", timedelta(milliseconds=500)),
         ("2h", timedelta(hours=2)),
+        ("30d", timedelta(days=30)),
+        ("1d12h", timedelta(days=1, hours=12)),
         ("10", timedelta(seconds=10)),
         ("-5", timedelta(seconds=-5)),
     ],
@@ -25,7 +27,7 @@ def test_durations(text: str, expected: timedelta) -> None:
     assert parse_duration(text) == expected
 
 
-@pytest.mark.parametrize("text", ["", "ten seconds", "5x", "1m-3s"])
+@pytest.mark.parametrize("text", ["", "ten seconds", "5x", "1m-3s", "3 days", "1w"])
 def test_nonsense_is_refused(text: str) -> None:
     with pytest.raises(argparse.ArgumentTypeError):
         parse_duration(text)

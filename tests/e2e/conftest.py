@@ -30,6 +30,12 @@ def spool() -> Iterator[Path]:
         yield path
 
 
+@pytest.fixture
+def controller_flags() -> list[str]:
+    """Extra flags for the stack's controller; a test module overrides this fixture to add its own."""
+    return []
+
+
 @dataclass
 class Stack:
     lab: Lab
@@ -110,7 +116,16 @@ def stack(request: pytest.FixtureRequest, lab: Lab, fake_kube: FakeKube, tmp_pat
 
     try:
         with controller(
-            ["--db", db_url, "--store", store_url, *source, "--agent-port", str(agent_port)],
+            [
+                "--db",
+                db_url,
+                "--store",
+                store_url,
+                *source,
+                "--agent-port",
+                str(agent_port),
+                *request.getfixturevalue("controller_flags"),
+            ],
             tmp_path,
             env=env,
         ) as address:

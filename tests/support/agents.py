@@ -16,7 +16,7 @@ import grpc
 
 from podcap.api.v1 import agent_pb2_grpc
 from tests.support.lab import Lab, Node
-from tests.support.processes import PODCAP, free_port, stop, wait_healthy
+from tests.support.processes import PODCAP, channel, free_port, stop, wait_healthy
 
 
 class NodeAgent:
@@ -29,6 +29,8 @@ class NodeAgent:
         log_dir: Path,
         env: dict[str, str] | None = None,
         args: Sequence[str] = (),
+        credentials: grpc.ChannelCredentials | None = None,
+        server_name: str = "",
     ) -> None:
         self.lab, self.node, self.store_url, self.spool = lab, node, store_url, spool
         self._log_dir, self._env, self._args = log_dir, env or {}, list(args)
@@ -36,7 +38,9 @@ class NodeAgent:
         relay = lab.forward_out("127.0.0.1", 0, node.netns, "127.0.0.1", self._port)
         self.address = f"{relay.host}:{relay.port}"
         self.process: subprocess.Popen[bytes] | None = None
-        self._channel = grpc.insecure_channel(self.address)
+        # With `credentials` the agent serves mutual TLS (its `args` say so): the test talks to it as the controller.
+        self.credentials, self.server_name = credentials, server_name
+        self._channel = channel(self.address, credentials, server_name)
         self.stub = agent_pb2_grpc.AgentServiceStub(self._channel)
         self._starts = 0
 
@@ -62,7 +66,7 @@ class NodeAgent:
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-        wait_healthy(self.address, self.process)
+        wait_healthy(self.address, self.process, credentials=self.credentials, server_name=self.server_name)
 
     def signal(self, signum: signal.Signals, timeout: float = 30.0) -> int:
         """Sends `signum` and waits for the agent to exit; returns its exit status."""

@@ -25,7 +25,7 @@ import secrets
 import socket
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -75,6 +75,19 @@ class _Error:
     remaining: int | None  # None: until cleared
 
 
+_REVIEWS = {
+    "/apis/authentication.k8s.io/v1/tokenreviews": "TokenReview",
+    "/apis/authorization.k8s.io/v1/subjectaccessreviews": "SubjectAccessReview",
+}
+
+
+@dataclass(frozen=True)
+class AccessRule:
+    subject: str
+    verbs: frozenset[str]
+    namespace: str
+
+
 def status_object(code: int, message: str, reason: str | None = None, **details: str) -> dict[str, Any]:
     """A `Status` object as the API server sends it with an error."""
     status: dict[str, Any] = {
@@ -98,6 +111,10 @@ class FakeKube:
         self.token = secrets.token_hex(16)
         self.requests: list[Request] = []
         self.pods: dict[tuple[str, str], dict[str, Any]] = {}
+        # TokenReview: bearer token -> (username, groups); SubjectAccessReview: RBAC-like rules per user/group.
+        self.users: dict[str, tuple[str, list[str]]] = {}
+        self.rules: list[AccessRule] = []
+        self.reviews: list[dict[str, Any]] = []
         self._errors: list[_Error] = []
         self._lock = threading.Lock()
         self._versions = itertools.count(1000)
@@ -200,6 +217,17 @@ class FakeKube:
             ready=ready,
         )
 
+    def add_user(self, token: str, username: str, groups: Sequence[str] = ()) -> None:
+        """A token TokenReview authenticates as `username` (in `groups`)."""
+        with self._lock:
+            self.users[token] = (username, list(groups))
+
+    def allow(self, subject: str, verbs: Sequence[str], namespace: str = "*") -> None:
+        """RBAC as SubjectAccessReview sees it: `subject` (a user or group) may use `verbs` on pods/capture in
+        `namespace` ("*": in every namespace, including the cluster-wide question with no namespace)."""
+        with self._lock:
+            self.rules.append(AccessRule(subject, frozenset(verbs), namespace))
+
     def remove_pod(self, namespace: str, name: str) -> None:
         with self._lock:
             del self.pods[(namespace, name)]
@@ -255,7 +283,9 @@ class FakeKube:
 
     # -- serving (handler threads) -----------------------------------------------------------------------
 
-    def handle(self, method: str, target: str, authorization: str | None) -> tuple[int, dict[str, Any]]:
+    def handle(
+        self, method: str, target: str, authorization: str | None, body: bytes = b""
+    ) -> tuple[int, dict[str, Any]]:
         url = urlsplit(target)
         path = unquote(url.path)
         query = dict(parse_qsl(url.query, keep_blank_values=True))
@@ -266,12 +296,42 @@ class FakeKube:
             injected = self._injected_error(path)
         if injected is not None:
             return injected
+        if method == "POST" and path in _REVIEWS:
+            return 201, self._review(_REVIEWS[path], json.loads(body or b"{}"))
         if method != "GET":
             return 405, status_object(405, f"the server does not allow this method: {method}")
         try:
             return 200, self._get(path, query)
         except _StatusError as error:
             return error.code, error.status
+
+    def _review(self, kind: str, review: dict[str, Any]) -> dict[str, Any]:
+        """A TokenReview or SubjectAccessReview answered from `users` and `rules`, as the API server would."""
+        spec = review.get("spec", {})
+        with self._lock:
+            self.reviews.append({**review, "kind": kind})  # the client does not always send its kind
+            if kind == "TokenReview":
+                user = self.users.get(spec.get("token", ""))
+                status: dict[str, Any] = (
+                    {"authenticated": True, "user": {"username": user[0], "groups": user[1]}}
+                    if user
+                    else {"authenticated": False, "error": "invalid bearer token"}
+                )
+            else:
+                attributes = spec.get("resourceAttributes", {})
+                subjects = {spec.get("user", ""), *spec.get("groups", [])}
+                allowed = (
+                    attributes.get("resource") == "pods"
+                    and attributes.get("subresource") == "capture"
+                    and any(
+                        rule.subject in subjects
+                        and attributes.get("verb") in rule.verbs
+                        and rule.namespace in ("*", attributes.get("namespace", ""))
+                        for rule in self.rules
+                    )
+                )
+                status = {"allowed": allowed} | ({} if allowed else {"reason": "no RBAC rule allows it"})
+        return {**review, "status": status}
 
     def _injected_error(self, path: str) -> tuple[int, dict[str, Any]] | None:
         for error in self._errors:
@@ -448,9 +508,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _answer(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
-        if length:
-            self.rfile.read(length)
-        code, body = self.server.fake.handle(self.command, self.path, self.headers.get("Authorization"))
+        request_body = self.rfile.read(length) if length else b""
+        code, body = self.server.fake.handle(
+            self.command, self.path, self.headers.get("Authorization"), request_body
+        )
         data = json.dumps(body).encode()
         self.send_response(code)
         self.send_header("Content-Type", "application/json")

@@ -28,11 +28,27 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def wait_healthy(address: str, process: subprocess.Popen[bytes] | None = None, timeout: float = 20.0) -> None:
-    """Waits until the gRPC health service at `address` says SERVING."""
+def channel(
+    address: str, credentials: grpc.ChannelCredentials | None = None, server_name: str = ""
+) -> grpc.Channel:
+    """A blocking channel to one of our servers: plaintext, or TLS checking the server's name `server_name`."""
+    if credentials is None:
+        return grpc.insecure_channel(address)
+    options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
+    return grpc.secure_channel(address, credentials, options=options)
+
+
+def wait_healthy(
+    address: str,
+    process: subprocess.Popen[bytes] | None = None,
+    timeout: float = 20.0,
+    credentials: grpc.ChannelCredentials | None = None,
+    server_name: str = "",
+) -> None:
+    """Waits until the gRPC health service at `address` says SERVING (over TLS when given `credentials`)."""
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
+    with channel(address, credentials, server_name) as health_channel:
+        stub = health_pb2_grpc.HealthStub(health_channel)
         while True:
             if process is not None and process.poll() is not None:
                 raise RuntimeError(f"process exited with {process.returncode} before serving on {address}")
@@ -64,6 +80,8 @@ class ControllerProcess:
     def __init__(self, args: Sequence[str], log_dir: Path, env: dict[str, str] | None = None) -> None:
         self.address = f"127.0.0.1:{free_port()}"
         self._args, self._log_dir, self._env = list(args), log_dir, env or {}
+        if not {"--auth-tokens", "--auth-kubernetes", "--no-auth"} & set(self._args):
+            self._args.append("--no-auth")  # tests about other things run the loopback-only open mode
         self.process: subprocess.Popen[bytes] | None = None
         self._starts = 0
 

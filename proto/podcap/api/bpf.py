@@ -1,7 +1,13 @@
-"""Checks that a capture filter compiles, with libpcap itself, before anything is stored or started.
+"""Checks a capture filter, with libpcap itself, before anything is stored or started.
 
-The controller compiles every filter with `pcap_compile` on a "dead" Ethernet handle (no device, no privileges,
-no subprocess), so a bad filter is refused with libpcap's own message and never reaches a node.
+Both servers check every filter: the controller before it stores a capture, the agent again before it runs
+tcpdump, because it does not trust its caller. The filter is compiled with `pcap_compile` on a "dead" Ethernet
+handle (no device, no privileges, no subprocess), so a bad filter is refused with libpcap's own message, and a
+token that tcpdump would read as an option (`-z`, `-w`, ...) is refused before that. It lives in podcap.api
+because the controller and the agent share nothing else.
+
+Compiling can block for seconds (libpcap's optimiser on some long filters, a DNS lookup for `host NAME`):
+call `check_filter` from a worker thread.
 """
 
 from __future__ import annotations
@@ -49,8 +55,19 @@ def _libpcap() -> ctypes.CDLL:
     return lib
 
 
+MAX_FILTER_LENGTH = 4096
+
+
 def check_filter(expression: str) -> None:
-    """Raises FilterError with libpcap's message unless `expression` compiles for an Ethernet device."""
+    """Raises FilterError, saying why, unless `expression` is a filter tcpdump can only read as a filter: at
+    most MAX_FILTER_LENGTH ASCII characters, no NUL, no token starting with `-`, and it compiles for Ethernet."""
+    if len(expression) > MAX_FILTER_LENGTH:
+        raise FilterError(f"the filter is longer than {MAX_FILTER_LENGTH} characters")
+    for token in expression.split():
+        if token.startswith("-"):
+            raise FilterError(
+                f"filter token {token[:40]!r} starts with '-'; tcpdump would read it as an option"
+            )
     if "\x00" in expression:
         raise FilterError("the filter contains a NUL character")
     try:
@@ -65,8 +82,8 @@ def check_filter(expression: str) -> None:
         try:
             program = _BpfProgram()
             if lib.pcap_compile(handle, ctypes.byref(program), encoded, 1, _NETMASK_UNKNOWN) != 0:
-                message = (lib.pcap_geterr(handle) or b"does not compile").decode("utf-8", "replace")
-                raise FilterError(message)
+                message = (lib.pcap_geterr(handle) or b"no reason given").decode("utf-8", "replace")
+                raise FilterError(f"the filter does not compile: {message[:200]}")
             lib.pcap_freecode(ctypes.byref(program))
         finally:
             lib.pcap_close(handle)
