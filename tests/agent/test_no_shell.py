@@ -1,0 +1,324 @@
+"""No shell, ever, and no user text as a tcpdump option: every program the agent runs, as the kernel saw it.
+
+A real `podcap agent` runs in a lab node under strace (`-f`, execve only), so every program it or any child of it
+executes is recorded with its exact argv, whichever code path started it. Captures are asked for through
+AgentService, as the controller does, with filters that compile, filters that look like shell, filters that try
+to be tcpdump options, and shell in pod names, namespaces, pod interfaces and capture ids. The trace must show only
+the programs the agent is meant to run (setpriv, tcpdump, tshark), never a shell; every tcpdump gets the user's
+filter as one argument after `--` and nothing of the user's text before it; a filter that does not compile, or
+has a token starting with `-`, is refused with INVALID_ARGUMENT before any program runs; and none of the files
+the hostile text would create ever exists.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, cast
+
+import grpc
+import pytest
+from google.protobuf.duration_pb2 import Duration
+
+from podcap.api.v1 import agent_pb2, common_pb2
+from tests.support.agents import NodeAgent, tcpdumps_writing_into
+from tests.support.lab import Lab
+from tests.support.processes import spool_root
+
+pytestmark = pytest.mark.netns
+
+PORT = 8080
+COMPLETED, FAILED = common_pb2.CAPTURE_STATE_COMPLETED, common_pb2.CAPTURE_STATE_FAILED
+# What the agent runs: itself (the first execve, by strace), setpriv starting tcpdump, tshark summarising, and
+# ldconfig, which ctypes.util.find_library runs (`/sbin/ldconfig -p`, a fixed argv) to find libpcap, with which
+# the agent checks filters.
+ALLOWED = {"podcap", "setpriv", "tcpdump", "tshark", "ldconfig"}
+SHELLS = {"sh", "bash", "dash", "zsh", "ksh", "busybox", "env", "python", "python3"}
+# tcpdump's own options as the agent builds them, each with whether it takes a value.
+TCPDUMP_OPTIONS = {
+    "-i": True,
+    "-w": True,
+    "-U": False,
+    "--immediate-mode": False,
+    "-n": False,
+    "-s": True,
+    "-c": True,
+}
+_EXECVE = re.compile(r'^(\d+) +execve\("((?:\\x[0-9a-f]{2})*)", \[(.*?)\](.*)$')
+_STRING = re.compile(r'"((?:\\x[0-9a-f]{2})*)"')
+
+
+@dataclass
+class Exec:
+    pid: int
+    path: str
+    argv: list[str]
+    ok: bool  # the program ran (execvp also tries, and fails on, every PATH entry before the right one)
+
+
+def _decode(hexed: str) -> str:
+    return bytes.fromhex(hexed.replace("\\x", "")).decode("utf-8", "surrogateescape")
+
+
+def parse_trace(text: str) -> list[Exec]:
+    """Every execve strace recorded (with -xx every string is hex-escaped, so nothing is ambiguous), with whether
+    it succeeded: on the same line, or on the `<... execve resumed>` line of its pid when another process's
+    syscall came in between."""
+    execs: list[Exec] = []
+    unfinished: dict[int, Exec] = {}
+    for line in text.splitlines():
+        assert "execveat(" not in line, line
+        if "execve resumed>" in line:
+            pid = int(line.split()[0])
+            unfinished.pop(pid).ok = line.rstrip().endswith("= 0")
+            continue
+        if "execve(" not in line:
+            continue
+        match = _EXECVE.match(line)
+        assert match is not None, f"unparsed execve line: {line}"
+        assert not match[4].startswith("..."), f"strace shortened an argv: {line}"
+        argv = [_decode(s) for s in _STRING.findall(match[3])]
+        execs.append(Exec(int(match[1]), _decode(match[2]), argv, line.rstrip().endswith("= 0")))
+        if line.rstrip().endswith("<unfinished ...>"):
+            unfinished[execs[-1].pid] = execs[-1]
+    return execs
+
+
+def _strace_works() -> str | None:
+    if shutil.which("strace") is None:
+        return "needs strace (apt-get install strace)"
+    done = subprocess.run(
+        ["strace", "-f", "-qq", "-e", "trace=execve", "-o", "/dev/null", "true"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    return None if done.returncode == 0 else f"strace cannot trace here: {done.stderr.strip()}"
+
+
+class _Traced:
+    """The lab as NodeAgent uses it, except that the agent starts under strace."""
+
+    def __init__(self, lab: Lab, prefix: Sequence[str]) -> None:
+        self._lab, self._prefix = lab, list(prefix)
+
+    def popen(self, netns: str, argv: Sequence[str], **kw: Any) -> subprocess.Popen[Any]:
+        return self._lab.popen(netns, [*self._prefix, *argv], **kw)
+
+    def forward_out(self, *args: Any) -> Any:
+        return self._lab.forward_out(*args)
+
+
+@contextlib.contextmanager
+def traced_agent(lab: Lab, spool: Path, tmp_path: Path) -> Iterator[tuple[NodeAgent, Path]]:
+    """An agent in node-2 whose every execve, and its children's, strace writes to the returned file.
+
+    Leaving the block stops the agent with SIGTERM (strace itself passes no signal on) and waits for strace to
+    end with it, so the trace is complete when the block is left normally.
+    """
+    if (problem := _strace_works()) is not None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(problem, pytrace=False)
+        pytest.skip(problem)
+    trace = tmp_path / "execve.trace"
+    prefix = ["strace", "-f", "-qq", "--seccomp-bpf", "-xx", "-s", "65536"]
+    prefix += ["-e", "trace=execve,execveat", "-o", str(trace), "--"]
+    agent = NodeAgent(
+        cast(Lab, _Traced(lab, prefix)), lab.nodes["node-2"], f"file://{tmp_path / 'store'}", spool, tmp_path
+    )
+    strace = None
+    try:
+        agent.start()
+        strace = agent.process
+        assert strace is not None
+        yield agent, trace
+    finally:
+        tracees = []
+        if strace is not None:
+            with contextlib.suppress(OSError):
+                tracees = Path(f"/proc/{strace.pid}/task/{strace.pid}/children").read_text().split()
+        for pid in tracees:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGTERM)
+        if strace is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                strace.wait(timeout=30)
+        agent.close()
+        for pid in tracees:  # strace killed by close() would have let its tracee run on
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+
+
+@pytest.fixture
+def markers() -> Iterator[list[Path]]:
+    """Files that hostile text would create if anything ran it; none may exist at the end."""
+    made: list[Path] = []
+    yield made
+    for path in made:
+        path.unlink(missing_ok=True)
+
+
+def _marker(markers: list[Path], what: str) -> Path:
+    path = Path(f"/tmp/podcap-pwned-{what}-{secrets.token_hex(4)}")
+    markers.append(path)
+    return path
+
+
+def _request(
+    capture_id: str, ip: str, filter_expr: str, seconds: float = 1, **pod: str
+) -> agent_pb2.StartCaptureRequest:
+    duration = Duration()
+    duration.FromTimedelta(timedelta(seconds=seconds))
+    interface = pod.pop("interface", "")
+    return agent_pb2.StartCaptureRequest(
+        capture_id=capture_id,
+        pod=agent_pb2.PodRef(
+            namespace=pod.get("namespace", "shop"), name=pod.get("name", "server"), ips=[ip]
+        ),
+        filter=filter_expr,
+        duration=duration,
+        object_key=f"{capture_id}.pcap".replace("/", "_"),
+        pod_interface=interface,
+    )
+
+
+def _wait(agent: NodeAgent, capture_id: str, timeout: float = 60) -> agent_pb2.AgentCapture:
+    deadline = time.monotonic() + timeout
+    while True:
+        capture = agent.stub.GetCapture(agent_pb2.AgentCaptureRef(capture_id=capture_id), timeout=5)
+        if capture.state in (COMPLETED, FAILED):
+            return capture
+        if time.monotonic() > deadline:
+            raise AssertionError(f"capture {capture_id!r} never ended:\n{agent.log()[-4000:]}")
+        time.sleep(0.1)
+
+
+def _refused(agent: NodeAgent, request: agent_pb2.StartCaptureRequest) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as refused:
+        agent.stub.StartCapture(request, timeout=15)
+    return refused.value.code(), refused.value.details() or ""
+
+
+def _check_tcpdump_argv(argv: list[str], interface: str, spool: Path, filters: set[str]) -> str:
+    """tcpdump's argv is the agent's fixed options, `--`, then at most one argument: one of `filters`."""
+    assert argv[0] == "tcpdump"
+    cut = argv.index("--")
+    i = 1
+    while i < cut:
+        option = argv[i]
+        assert option in TCPDUMP_OPTIONS, f"unexpected tcpdump option {option!r} in {argv}"
+        if TCPDUMP_OPTIONS[option]:
+            value = argv[i + 1]
+            if option == "-i":
+                assert value == interface, argv
+            elif option == "-w":
+                assert value.startswith(f"{spool}/") and value.endswith("/capture.pcap"), argv
+            else:
+                assert value.isdigit(), argv
+            i += 1
+        i += 1
+    rest = argv[cut + 1 :]
+    assert len(rest) <= 1, f"more than one argument after --: {argv}"
+    assert not rest or rest[0] in filters, f"tcpdump got a filter nobody sent: {argv}"
+    return rest[0] if rest else ""
+
+
+def test_the_agent_never_runs_a_shell_and_never_hands_user_text_to_tcpdump_as_an_option(
+    lab: Lab, tmp_path: Path, markers: list[Path]
+) -> None:
+    server = lab.pods["server"]
+    lab.http_server(server.netns, PORT)
+    evil = Path(f"/tmp/podcap-evil-{secrets.token_hex(4)}.sh")
+    evil_ran = _marker(markers, "evil-script")
+    markers.append(evil)
+    evil.write_text(f"#!/bin/sh\ntouch {evil_ran}\n")
+    evil.chmod(0o755)
+
+    compiling = [
+        f"tcp port {PORT}",
+        "host 10.1.2.3 and not port 22",
+        f"tcp\nport {PORT}",  # a newline is whitespace to libpcap
+    ]
+    option_like = [
+        f"-z {evil}",
+        f"tcp -z {evil} -C 1",
+        "port 80 -w /etc/cron.d/podcap",
+        "-Z root tcp",
+        "tcp --",
+    ]
+    shell_like = [
+        f"$(touch {_marker(markers, 'subst')})",
+        f"`touch {_marker(markers, 'backtick')}`",
+        f"tcp; touch {_marker(markers, 'semicolon')}",
+        f"tcp | touch {_marker(markers, 'pipe')}",
+        f"tcp\ntouch {_marker(markers, 'newline')}",
+        f"tcp && $(touch {_marker(markers, 'and')})",
+    ]
+    hostile_pod = {
+        "name": f"$(touch {_marker(markers, 'pod')})",
+        "namespace": f"`touch {_marker(markers, 'namespace')}`",
+    }
+    hostile_id = f"-z;`touch {_marker(markers, 'capture-id')}`"
+
+    with spool_root() as spool, traced_agent(lab, spool, tmp_path) as (agent, trace):
+        started = []
+        for n, filter_expr in enumerate(compiling):
+            agent.stub.StartCapture(_request(f"ok-{n}", server.ip, filter_expr, **hostile_pod), timeout=15)
+            started.append(f"ok-{n}")
+        assert lab.http_get(lab.pods["client"].netns, f"http://{server.ip}:{PORT}/hello.txt") == 200
+
+        for n, filter_expr in enumerate(option_like):
+            code, details = _refused(agent, _request(f"dash-{n}", server.ip, filter_expr))
+            assert code == grpc.StatusCode.INVALID_ARGUMENT and "with '-'" in details, details
+        for n, filter_expr in enumerate(shell_like):
+            code, details = _refused(agent, _request(f"shell-{n}", server.ip, filter_expr))
+            assert code == grpc.StatusCode.INVALID_ARGUMENT
+            assert details.startswith("the filter does not compile: "), details
+        code, details = _refused(agent, _request(hostile_id, server.ip, "tcp"))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, details
+        for n, interface in enumerate(["$(id)", f"eth0;touch {_marker(markers, 'iface')}", "-i"]):
+            code, details = _refused(agent, _request(f"iface-{n}", server.ip, "tcp", interface=interface))
+            assert code == grpc.StatusCode.INVALID_ARGUMENT, details
+
+        ended = [_wait(agent, capture_id) for capture_id in started]
+        assert [c.state for c in ended] == [COMPLETED] * len(started), [c.error for c in ended]
+        assert ended[0].stats.packets > 0 and ended[0].summary.error == ""  # tshark summarised it
+        assert tcpdumps_writing_into(spool) == []
+
+    execs = parse_trace(trace.read_text())
+    programs = [Path(e.path).name for e in execs]  # tried or run
+    assert programs[0] == "podcap"
+    assert set(programs) <= ALLOWED, f"the agent ran {set(programs) - ALLOWED}"
+    assert not (set(programs) | {Path(e.argv[0]).name for e in execs if e.argv}) & SHELLS
+    assert "tshark" in programs  # the trace covers the summary's programs too
+
+    filters_seen = []
+    for e in execs:
+        if Path(e.path).name == "setpriv":
+            launcher = e.argv[: e.argv.index("--")]
+            assert all(arg.startswith("--") for arg in launcher[1:]), e.argv
+            assert {"--reuid=tcpdump", "--no-new-privs"} <= set(launcher), e.argv
+            _check_tcpdump_argv(e.argv[len(launcher) + 1 :], server.host_if, spool, set(compiling))
+        elif Path(e.path).name == "tcpdump" and e.ok:
+            filters_seen.append(_check_tcpdump_argv(e.argv, server.host_if, spool, set(compiling)))
+        elif Path(e.path).name == "ldconfig":
+            assert e.argv == ["/sbin/ldconfig", "-p"], e.argv
+        elif Path(e.path).name == "tshark":
+            assert not any(text in arg for text in compiling for arg in e.argv)  # fixed argv, file on stdin
+    # Every compiling filter reached tcpdump, as its last argument; no other text of the caller reached anything.
+    assert sorted(filters_seen) == sorted(compiling)
+    everything = "\0".join(arg for e in execs for arg in e.argv)
+    for text in [*option_like, *shell_like, *hostile_pod.values(), hostile_id]:
+        assert text not in everything
+    assert [path for path in markers if path.exists()] == [evil]  # only the script we wrote ourselves
