@@ -87,13 +87,15 @@ def print_capture(capture: capture_pb2.Capture, as_json: bool) -> None:
         "pod",
         "filter",
         "duration_seconds",
+        "requester",
+        "reason",
         "created",
         "started",
         "ended",
     ):
-        print(f"{key:>12}: {view[key]}")
+        print(f"{key:>16}: {view[key]}")
     if view["error"]:
-        print(f"{'error':>12}: {view['error']}")
+        print(f"{'error':>16}: {view['error']}")
     for t in view["targets"]:
         print(
             f"  {t['namespace']}/{t['pod']} on {t['node'] or '?'} via {t['interface'] or '?'}: {t['state']}"
