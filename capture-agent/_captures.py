@@ -29,7 +29,7 @@ from ._errors import (
     NodeLimitReached,
     UnknownCapture,
 )
-from ._model import TERMINAL, CaptureSnapshot, CaptureSpec, JobState, Limits
+from ._model import TERMINAL, CaptureSnapshot, CaptureSpec, JobState, Limits, Programs
 from ._pcapfile import count_pcap_packets
 from ._resolve import Interface, Resolution, Resolver
 from ._spool import Ended, Spool, SpoolEntry
@@ -67,15 +67,17 @@ class CaptureManager:
         resolver: Resolver,
         store: ObjectStore,
         spool: Spool,
-        tcpdump: str = "tcpdump",
+        programs: Programs | None = None,
         tcpdump_user: str = "",
         limits: Limits | None = None,
         retry: RetryPolicy | None = None,
     ) -> None:
+        """`programs`: the absolute paths to run (default: found on PATH now); `tcpdump_user`: the existing user
+        tcpdump and tshark run as ("" keeps root's uid, still without root's capabilities)."""
         self._resolver = resolver
         self._store = store
         self._spool = spool
-        self._tcpdump = tcpdump
+        self._programs = programs or Programs.find()
         self._user = tcpdump_user
         self._limits = limits or Limits()
         self._retry = retry or RetryPolicy()
@@ -89,7 +91,11 @@ class CaptureManager:
         return self._resolver.list_interfaces()
 
     async def start(self, spec: CaptureSpec) -> CaptureSnapshot:
-        """Resolves the pod and starts tcpdump; returns once it listens. Idempotent on the capture id."""
+        """Resolves the pod and starts tcpdump; returns once it listens. Idempotent on the capture id.
+
+        All or nothing: if any step fails (or the caller is cancelled) once the spool entry exists, tcpdump is
+        killed if it was started and the entry removed, so the same capture id can be started again.
+        """
         spec = self._checked(spec)
         async with self._starting:
             if (job := self._jobs.get(spec.capture_id)) is not None:
@@ -97,33 +103,35 @@ class CaptureManager:
             self._check_room()
             resolution, filter_expr = await asyncio.to_thread(self._resolve_target, spec)
             entry = self._spool.create(spec.capture_id)
-            argv = tcpdump_argv(
-                self._tcpdump,
-                resolution.interface,
-                entry.pcap,
-                spec.snaplen,
-                filter_expr,
-                self._user,
-                max_packets=spec.max_packets,
-            )
+            tcpdump: Tcpdump | None = None
             try:
+                argv = tcpdump_argv(
+                    self._programs.tcpdump,
+                    resolution.interface,
+                    entry.pcap,
+                    spec.snaplen,
+                    filter_expr,
+                    self._user,
+                    max_packets=spec.max_packets,
+                    setpriv=self._programs.setpriv,
+                )
                 tcpdump = await Tcpdump.start(argv)
-            except AgentError:
-                entry.remove()
+                snapshot = CaptureSnapshot(
+                    spec=spec, state=JobState.RUNNING, resolution=resolution, started_at=datetime.now(UTC)
+                )
+                await asyncio.to_thread(
+                    entry.record_started,
+                    {
+                        "spec": asdict(spec),
+                        "resolution": asdict(resolution),
+                        "started_at": snapshot.started_at,
+                        "tcpdump_pid": tcpdump.pid,
+                        "argv": argv,
+                    },
+                )
+            except BaseException:
+                await _undo_start(spec.capture_id, entry, tcpdump)
                 raise
-            snapshot = CaptureSnapshot(
-                spec=spec, state=JobState.RUNNING, resolution=resolution, started_at=datetime.now(UTC)
-            )
-            await asyncio.to_thread(
-                entry.record_started,
-                {
-                    "spec": asdict(spec),
-                    "resolution": asdict(resolution),
-                    "started_at": snapshot.started_at,
-                    "tcpdump_pid": tcpdump.pid,
-                    "argv": argv,
-                },
-            )
             job = CaptureJob(snapshot=snapshot, spool=entry, tcpdump=tcpdump)
             self._jobs[spec.capture_id] = job
             job.task = asyncio.create_task(self._run(job), name=f"capture-{spec.capture_id}")
@@ -250,7 +258,14 @@ class CaptureManager:
         """What is inside the pcap; a summary that cannot be made never costs the capture."""
         cancel = threading.Event()
         try:
-            return await asyncio.to_thread(summarise, pcap, cancel=cancel)
+            return await asyncio.to_thread(
+                summarise,
+                pcap,
+                cancel=cancel,
+                user=self._user,
+                tshark=self._programs.tshark,
+                setpriv=self._programs.setpriv,
+            )
         except asyncio.CancelledError:
             cancel.set()  # the worker thread cannot be cancelled, but its tsharks can
             raise
@@ -424,6 +439,17 @@ class CaptureManager:
             log.warning(
                 "%d uploads unfinished at shutdown; the next start uploads them from the spool", len(pending)
             )
+
+
+async def _undo_start(capture_id: str, entry: SpoolEntry, tcpdump: Tcpdump | None) -> None:
+    """Undoes a start that failed half-way. Whatever fails here is logged, never raised: the caller re-raises
+    the error that made the start fail, and that is the one to report."""
+    if tcpdump is not None:
+        try:
+            await tcpdump.kill()
+        except Exception:
+            log.exception("capture %s: cannot end the tcpdump of a failed start", capture_id)
+    await asyncio.to_thread(entry.remove)
 
 
 def _over(path: Path, max_bytes: int) -> bool:

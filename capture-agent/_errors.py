@@ -5,14 +5,16 @@
     │   ├── PodNotOnNode        no network namespace on this node holds the pod's IPs
     │   └── HostNetworkPod      the pod IP belongs to the node itself (hostNetwork)
     ├── CaptureError            tcpdump could not be started or failed while running
+    ├── MissingPrivilege        the agent lacks a capability it needs (its securityContext is wrong)
     ├── InvalidCaptureRequest   the request is malformed (bad IP, empty IP list, ...)
     │   └── UnknownPodInterface the pod has no interface of the requested name
     └── UnknownCapture          no capture with that id on this node
 
 The servicer maps this tree to gRPC status codes in one place, so every class here must mean one thing to a
 caller: ``PodNotOnNode`` is "ask another node / the pod moved", ``HostNetworkPod`` is "there is no pod veth, capture
-on a node interface instead", ``InvalidCaptureRequest`` is "fix your input". Causes from the OS (a failed ``ip``
-call, an errno from netlink) are chained as ``__cause__`` rather than flattened into the message.
+on a node interface instead", ``InvalidCaptureRequest`` is "fix your input", ``MissingPrivilege`` is "fix the
+agent's deployment" (the message names the capability). Causes from the OS (a failed ``ip`` call, an errno from
+netlink) are chained as ``__cause__`` rather than flattened into the message.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ __all__ = [
     "CaptureError",
     "HostNetworkPod",
     "InvalidCaptureRequest",
+    "MissingPrivilege",
     "PodNotOnNode",
     "ResolveError",
     "UnknownCapture",
@@ -66,6 +69,14 @@ class HostNetworkPod(ResolveError):
 
 class CaptureError(AgentError):
     """tcpdump could not be started, or stopped in a way that makes the capture unusable."""
+
+
+class MissingPrivilege(AgentError):
+    """The agent lacks a capability it needs for this step; the message names it. Nothing is left started.
+
+    A misconfigured deployment (a capability missing from deploy/base/agent/daemonset.yaml), never a bug of the
+    agent nor a fault of the request: retrying fails the same way until the agent runs with the capability.
+    """
 
 
 class InvalidCaptureRequest(AgentError):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import enum
+import os
+import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from datetime import datetime
@@ -75,3 +77,27 @@ class Limits:
     max_spool_bytes: int = 8 << 30
     min_free_bytes: int = 1 << 30
     shutdown_grace_s: float = 20.0
+
+
+@dataclass(frozen=True)
+class Programs:
+    """Absolute paths of the programs the agent runs, found once at its start: no exec of the agent searches PATH,
+    so nothing put on PATH later, or a relative PATH entry, decides what runs as root."""
+
+    setpriv: str
+    tcpdump: str
+    tshark: str
+
+    @classmethod
+    def find(cls, tcpdump: str = "tcpdump", tshark: str = "tshark", setpriv: str = "setpriv") -> Programs:
+        """Each program (a name looked up on PATH, or a path) as an absolute path; FileNotFoundError naming every
+        one that is missing or not executable."""
+        wanted = {"setpriv": setpriv, "tcpdump": tcpdump, "tshark": tshark}
+        found = {role: shutil.which(program) for role, program in wanted.items()}
+        missing = [repr(wanted[role]) for role, path in found.items() if path is None]
+        if missing:
+            raise FileNotFoundError(
+                f"{', '.join(missing)} not found on PATH (or not executable): the agent runs setpriv "
+                "(util-linux), tcpdump and tshark, and cannot work without any of them"
+            )
+        return cls(**{role: os.path.abspath(path) for role, path in found.items() if path is not None})

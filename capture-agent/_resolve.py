@@ -37,10 +37,12 @@ import os
 import socket
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from podcap.agent._errors import (
     HostNetworkPod,
     InvalidCaptureRequest,
+    MissingPrivilege,
     PodNotOnNode,
     ResolveError,
     UnknownPodInterface,
@@ -60,6 +62,7 @@ _CACHED = "netns-scan (cached)"
 # Namespaces held open at once while read; bounds the agent's fds on nodes with many pods.
 _BATCH = 64
 _IFNAMSIZ = 16
+_CAP_SYS_PTRACE = 19  # linux/capability.h
 
 _NetnsKey = tuple[int, int]
 _NodeLink = Callable[[int], Link | None]
@@ -140,7 +143,11 @@ class Resolver:
         Raises InvalidCaptureRequest for a malformed request, UnknownPodInterface when the pod has no
         ``pod_interface``, HostNetworkPod when an IP is the node's own, PodNotOnNode when no namespace linked to
         this node holds one, ResolveError when the interface is not paired with a node device (ipvlan/macvlan
-        pods) or when reading kernel state fails.
+        pods) or when reading kernel state fails. MissingPrivilege when the agent may not enter namespaces
+        (setns without CAP_SYS_ADMIN), or when it lacks CAP_SYS_PTRACE and no namespace it could open holds the
+        IPs while some could not be opened (``/proc/<pid>/ns/net`` of other containers' processes): the pod may
+        well be in one of those. (With CAP_SYS_PTRACE a refusal comes from elsewhere, an LSM say, and is skipped
+        as before.)
         """
         wanted = _parse_ips(ips)
         _check_interface_name(pod_interface)
@@ -157,13 +164,25 @@ class Resolver:
                         return replace(found, strategy=_CACHED)
                 own = {link.ifindex: link for link in rtnl.links()}
                 peer_nsids = {link.link_netnsid for link in own.values() if link.link_netnsid is not None}
-                scanned = self._read(rtnl, self._candidates(), peer_nsids)
+                denied: list[str] = []
+                scanned = self._read(rtnl, self._candidates(denied), peer_nsids, denied)
+        except PermissionError as exc:  # setns(2), in links_in: an open() refused is skipped and counted
+            raise MissingPrivilege(
+                f"cannot read network namespaces on node {self._node}: {exc.strerror}; "
+                "the agent needs CAP_SYS_ADMIN"
+            ) from exc
         except OSError as exc:
             raise ResolveError(f"cannot read network namespaces on node {self._node}: {exc}") from exc
         self._seen = _remember(scanned)
         found = _first_match(scanned, wanted, own.get, pod_interface)
         if found is None:
-            raise PodNotOnNode(self._node, list(wanted.values()))
+            not_here = PodNotOnNode(self._node, list(wanted.values()))
+            if not denied or _has_capability(_CAP_SYS_PTRACE):
+                raise not_here
+            raise MissingPrivilege(
+                f"{not_here} ({len(denied)} network namespace paths could not be opened: permission denied; "
+                "the agent needs CAP_SYS_PTRACE to open /proc/<pid>/ns/net of other containers' processes)"
+            )
         return found
 
     def netns_alive(self, resolution: Resolution) -> bool:
@@ -206,16 +225,26 @@ class Resolver:
                         self._node, wanted[addr], link.name if link else f"ifindex {ifindex}"
                     )
 
-    def _read(self, rtnl: RouteSocket, paths: Iterable[str], peer_nsids: set[int] | None) -> list[_PodNetns]:
+    def _read(
+        self,
+        rtnl: RouteSocket,
+        paths: Iterable[str],
+        peer_nsids: set[int] | None,
+        denied: list[str] | None = None,
+    ) -> list[_PodNetns]:
         """The devices of the namespaces at ``paths`` (with ``peer_nsids``: only those some node device points
         into), each read while its file is held open (an open namespace stays alive, so its nsid cannot be
-        handed to another namespace meanwhile)."""
+        handed to another namespace meanwhile). Paths the agent may not open are added to ``denied``."""
         out: list[_PodNetns] = []
         batch: list[tuple[str, int, int]] = []  # path, open fd, nsid
         try:
             for path in paths:
                 try:
                     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                except PermissionError:
+                    if denied is not None:
+                        denied.append(path)
+                    continue
                 except OSError:
                     continue  # the pod was deleted, or its process exited, since it was listed
                 keep = False
@@ -235,12 +264,16 @@ class Resolver:
                 os.close(fd)
         return out
 
-    def _candidates(self) -> Iterator[str]:
-        """Every network namespace visible here, each once, our own skipped."""
+    def _candidates(self, denied: list[str]) -> Iterator[str]:
+        """Every network namespace visible here, each once, our own skipped; paths the agent may not look at
+        (another user's process, without CAP_SYS_PTRACE) are added to ``denied``."""
         seen = {_netns_key(_OWN_NETNS)}
         for path in self._paths():
             try:
                 key = _netns_key(path)
+            except PermissionError:
+                denied.append(path)
+                continue
             except OSError:
                 continue  # the process exited or the mount went away mid-scan
             if key not in seen:
@@ -355,6 +388,19 @@ def _check_interface_name(name: str) -> None:
         len(name) >= _IFNAMSIZ or name in {".", ".."} or any(c in "/:" or c.isspace() for c in name)
     ):
         raise InvalidCaptureRequest(f"not a network interface name: {name!r}")
+
+
+def _has_capability(bit: int) -> bool:
+    """Whether this process holds capability ``bit`` (linux/capability.h) in its effective set; True when procfs
+    cannot say, so that nothing is blamed on a capability without knowing."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return True
+    effective = next(
+        (int(line.split()[1], 16) for line in status.splitlines() if line.startswith("CapEff:")), -1
+    )
+    return effective < 0 or bool(effective >> bit & 1)
 
 
 def _netns_key(path: str) -> _NetnsKey:

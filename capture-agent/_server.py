@@ -30,7 +30,7 @@ from podcap.api.v1 import agent_pb2_grpc
 from podcap.storage import open_store
 
 from ._captures import CaptureManager
-from ._model import Limits
+from ._model import Limits, Programs
 from ._resolve import Resolver
 from ._servicer import AgentServicer
 from ._spool import Spool
@@ -60,13 +60,22 @@ class AgentSettings:
 
 
 async def serve(settings: AgentSettings, started: asyncio.Event | None = None) -> None:
-    """Runs the agent until SIGTERM/SIGINT (or cancellation)."""
+    """Runs the agent until SIGTERM/SIGINT (or cancellation).
+
+    Refuses to start (SystemExit with the reason) when setpriv, tcpdump or tshark cannot be found: they are
+    looked up on PATH here, once, and always run by their absolute paths.
+    """
+    try:
+        programs = Programs.find(tcpdump=settings.tcpdump)
+    except FileNotFoundError as exc:
+        raise SystemExit(f"podcap agent: cannot start: {exc}") from None
+    log.info("running %s, %s and %s", programs.setpriv, programs.tcpdump, programs.tshark)
     user = _existing_user(settings.tcpdump_user)
     captures = CaptureManager(
         resolver=Resolver(node_name=settings.node_name),
         store=open_store(settings.store_url),
         spool=Spool(settings.spool_dir, user),
-        tcpdump=settings.tcpdump,
+        programs=programs,
         tcpdump_user=user,
         limits=settings.limits,
         retry=settings.retry,
@@ -105,12 +114,13 @@ async def serve(settings: AgentSettings, started: asyncio.Event | None = None) -
 
 
 def _existing_user(name: str) -> str:
-    """The user tcpdump drops to, if it exists here; otherwise tcpdump keeps the agent's privileges (logged)."""
+    """The user tcpdump and tshark run as, if it exists here; otherwise tcpdump keeps the agent's privileges and
+    tshark root's uid (without capabilities), logged."""
     if not name:
         return ""
     try:
         pwd.getpwnam(name)
     except KeyError:
-        log.warning("user %r does not exist; tcpdump keeps the agent's privileges", name)
+        log.warning("user %r does not exist; tcpdump keeps the agent's privileges, tshark runs as root", name)
         return ""
     return name

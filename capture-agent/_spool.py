@@ -22,7 +22,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from ._errors import AgentError
+from ._errors import AgentError, MissingPrivilege
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,14 @@ class SpoolEntry:
         return 0
 
     def record_started(self, record: dict[str, Any]) -> None:
-        _write_json(self.directory / _STARTED, record)
+        """MissingPrivilege when the agent may not write into the directory it gave to tcpdump's user."""
+        try:
+            _write_json(self.directory / _STARTED, record)
+        except PermissionError as exc:
+            raise MissingPrivilege(
+                f"cannot write the capture's record into its spool directory {self.directory}, which belongs "
+                f"to tcpdump's user: {exc.strerror}; the agent needs CAP_DAC_OVERRIDE"
+            ) from exc
 
     def started(self) -> dict[str, Any]:
         data: dict[str, Any] = json.loads((self.directory / _STARTED).read_text())
@@ -78,7 +85,15 @@ class SpoolEntry:
             return None
 
     def remove(self) -> None:
-        shutil.rmtree(self.directory, ignore_errors=True)
+        """Removes the directory and what it holds. What cannot be removed stays and is logged, never raised: the
+        caller is done with the capture, or is undoing a start because of another error, the one to report."""
+        try:
+            shutil.rmtree(self.directory)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            shutil.rmtree(self.directory, ignore_errors=True)  # whatever else can go
+            log.warning("cannot remove the spool directory %s: %s", self.directory, exc)
 
 
 class Spool:
@@ -90,12 +105,22 @@ class Spool:
             _check_reachable(root, tcpdump_user)
 
     def create(self, capture_id: str) -> SpoolEntry:
-        """A fresh directory that tcpdump, after dropping to its user, can write its pcap into."""
+        """A fresh directory that tcpdump, after dropping to its user, can write its pcap into; nothing is left
+        when it raises (MissingPrivilege when the agent may not give the directory to that user)."""
         directory = self.root / capture_id
         directory.mkdir(mode=0o700)
-        if self._user:
-            entry = pwd.getpwnam(self._user)
-            os.chown(directory, entry.pw_uid, entry.pw_gid)
+        try:
+            if self._user:
+                entry = pwd.getpwnam(self._user)
+                os.chown(directory, entry.pw_uid, entry.pw_gid)
+        except BaseException as exc:
+            directory.rmdir()
+            if isinstance(exc, PermissionError):
+                raise MissingPrivilege(
+                    f"cannot give the capture's spool directory to tcpdump's user {self._user!r}: "
+                    f"{exc.strerror}; the agent needs CAP_CHOWN"
+                ) from exc
+            raise
         return SpoolEntry(directory)
 
     def entries(self) -> Iterator[SpoolEntry]:

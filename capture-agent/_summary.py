@@ -35,10 +35,16 @@ makes tshark's HTTP dissector reassemble a body whose headers it never saw, whic
 such a download took 36 s instead of 0.3 s. Without it each frame is counted under the protocols it shows by
 itself; TCP analysis (retransmissions, resets) does not need reassembly.
 
+Why tshark runs under setpriv, as the unprivileged tcpdump user with no capability: its dissectors parse whatever
+the captured pods sent, so a dissector bug must not be a way into the agent's root and capabilities. setpriv
+starts it as ``user`` (when given; root otherwise, still without a single capability), with an empty bounding
+set, no_new_privs and a parent-death signal, so it dies with the agent. It needs no file access: the chunk comes on
+stdin from the agent, which opened the pcap.
+
 tshark runs as an argument list with ``-n`` (no name resolution, so no DNS lookups from the node) in a minimal
-environment whose HOME and configuration directories are a private empty directory, so personal preferences or
-plugins never change the numbers and nothing is written to the agent's home. Every tshark is reaped; past the
-timeout, or when the caller cancels, all of them are killed.
+environment whose HOME and configuration directories are a private empty directory (searchable, not writable, by
+tshark's user), so personal preferences or plugins never change the numbers and nothing is written to the agent's
+home. Every tshark is reaped; past the timeout, or when the caller cancels, all of them are killed.
 """
 
 from __future__ import annotations
@@ -185,8 +191,15 @@ def summarise(
     workers: int | None = None,
     chunk_packets: int = _CHUNK_PACKETS,
     cancel: threading.Event | None = None,
+    user: str = "",
+    tshark: str = "tshark",
+    setpriv: str = "setpriv",
 ) -> Summary:
     """Summarises the classic pcap file ``pcap`` (what ``tcpdump -w`` writes). Blocking: run it in a thread.
+
+    Every tshark runs under ``setpriv`` as ``user`` (root if "") without any capability (the module docstring
+    says why). ``tshark`` and ``setpriv`` are paths, or names looked up on PATH (the agent passes the absolute
+    paths it found at start).
 
     ``top`` conversations (TCP and UDP together, most bytes first) are kept. ``timeout`` bounds the whole call:
     past it every tshark is killed and the summary holds the counts from the record headers only. ``workers``
@@ -213,13 +226,15 @@ def summarise(
         )
         if not walk.chunks or cancel.is_set():
             return summary
-        tshark = shutil.which("tshark")
-        if tshark is None:
-            return replace(summary, error=_join(walk.error, "tshark not found on PATH, so no statistics"))
+        tshark_path, setpriv_path = shutil.which(tshark), shutil.which(setpriv)
+        if tshark_path is None or setpriv_path is None:
+            missing = tshark if tshark_path is None else setpriv
+            return replace(summary, error=_join(walk.error, f"{missing} not found, so no statistics"))
         workers = workers if workers is not None else min(2, os.cpu_count() or 1)
         try:
             totals = _Totals()
-            runner = _Runner(tshark, source.fileno(), walk.header, deadline, timeout, cancel)
+            argv = _argv(setpriv_path, tshark_path, user)
+            runner = _Runner(argv, source.fileno(), walk.header, deadline, timeout, cancel)
             for text in runner.run(walk.chunks, max(1, workers)):
                 totals.add(_parse(text))
         except _TsharkFailed as error:
@@ -365,8 +380,14 @@ def _not_pcap(header: bytes) -> str:
 # --- running tshark --------------------------------------------------------------------------------------------
 
 
-def _argv(tshark: str) -> list[str]:
+def _argv(setpriv: str, tshark: str, user: str) -> list[str]:
+    launcher = [setpriv, "--pdeathsig=KILL"]
+    if user:
+        launcher += [f"--reuid={user}", f"--regid={user}", "--clear-groups"]
+    # No capability in any set: root's too are computed from the (empty) inheritable and bounding sets at exec.
+    launcher += ["--inh-caps=-all", "--ambient-caps=-all", "--bounding-set=-all", "--no-new-privs", "--"]
     return [
+        *launcher,
         tshark,
         "-r",
         "-",
@@ -395,14 +416,14 @@ class _Runner:
 
     def __init__(
         self,
-        tshark: str,
+        argv: list[str],
         source: int,
         header: bytes,
         deadline: float,
         timeout: float,
         cancel: threading.Event,
     ) -> None:
-        self._argv = _argv(tshark)
+        self._argv = argv
         self._source, self._header = source, header
         self._deadline, self._timeout, self._cancel = deadline, timeout, cancel
         self._lock = threading.Lock()
@@ -412,6 +433,8 @@ class _Runner:
     def run(self, chunks: Sequence[tuple[int, int]], workers: int) -> list[str]:
         """The outputs in chunk order, or the first failure raised (not one it caused by stopping the others)."""
         with tempfile.TemporaryDirectory(prefix="podcap-tshark-") as home:
+            # tshark's user may look for its configuration files here (there are none), not list or write.
+            os.chmod(home, 0o711)  # noqa: S103
             env = {
                 "PATH": _PATH,
                 "HOME": home,

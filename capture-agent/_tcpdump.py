@@ -15,7 +15,7 @@ import signal
 from dataclasses import dataclass
 from pathlib import Path
 
-from ._errors import CaptureError, InvalidCaptureRequest
+from ._errors import CaptureError, InvalidCaptureRequest, MissingPrivilege
 
 _STATS = {
     "packets": re.compile(rb"^(\d+) packets? captured", re.M),
@@ -26,7 +26,10 @@ _LISTENING = b"listening on "
 _START_TIMEOUT_S = 10.0
 _STOP_TIMEOUT_S = 10.0
 _STDERR_KEEP = 64 * 1024
-_CAPS = "+net_raw,+net_admin"
+# An AF_PACKET socket is all tcpdump needs: promiscuous mode through PACKET_ADD_MEMBERSHIP takes no capability,
+# and tcpdump changes no interface setting (tests/agent/test_privileges.py captures on a routed /32 veth, a bridge
+# port veth and a node interface with this alone).
+_CAPS = "+net_raw"
 # What the agent must hold to run tcpdump as another user with only _CAPS (bit numbers of linux/capability.h):
 # setpriv can hand tcpdump only capabilities the agent has, changes ids and groups (SETUID, SETGID) and shrinks
 # tcpdump's bounding set (SETPCAP; without it setpriv silently leaves the bounding set whole). Signalling a process
@@ -34,7 +37,6 @@ _CAPS = "+net_raw,+net_admin"
 # neither stopped nor ended with its agent.
 _LAUNCH_CAPS = {
     "CAP_NET_RAW": 13,
-    "CAP_NET_ADMIN": 12,
     "CAP_SETUID": 7,
     "CAP_SETGID": 6,
     "CAP_SETPCAP": 8,
@@ -65,18 +67,21 @@ def tcpdump_argv(
     filter_expr: str,
     user: str,
     max_packets: int = 0,
+    *,
+    setpriv: str,
 ) -> list[str]:
     """The exact command line: tcpdump under setpriv, the filter one argument, last, after `--`.
 
-    setpriv starts tcpdump as `user` (when given) with only CAP_NET_RAW and CAP_NET_ADMIN, so it is never root,
-    and with a parent-death signal, so it flushes and exits if the agent dies, even by SIGKILL. (tcpdump's own
-    `-Z` would drop root only after starting as root, and a credential change clears the parent-death signal.)
+    `tcpdump` and `setpriv` are absolute paths (`Programs`), so no exec searches PATH. setpriv starts tcpdump as
+    `user` (when given) with only CAP_NET_RAW, so it is never root, and with a parent-death signal, so it flushes
+    and exits if the agent dies, even by SIGKILL. (tcpdump's own `-Z` would drop root only after starting as root,
+    and a credential change clears the parent-death signal.)
     """
     if any(token.startswith("-") for token in filter_expr.split()):
         raise InvalidCaptureRequest("a filter token may not start with '-'")
     if "\x00" in filter_expr:
         raise InvalidCaptureRequest("the filter contains a NUL character")
-    argv = ["setpriv", "--pdeathsig=INT"]
+    argv = [setpriv, "--pdeathsig=INT"]
     if user:
         argv += [
             f"--reuid={user}",
@@ -110,11 +115,13 @@ class Tcpdump:
 
     @classmethod
     async def start(cls, argv: list[str]) -> Tcpdump:
-        """Starts tcpdump and returns once it is capturing; CaptureError with tcpdump's message if it cannot."""
+        """Starts tcpdump and returns once it is capturing; CaptureError with tcpdump's message if it cannot,
+        MissingPrivilege (before anything runs) if the agent could not run it as intended. A tcpdump that does not
+        come up, also when the caller is cancelled meanwhile, is killed and reaped before this returns."""
         if missing := _missing_launch_caps(argv):
-            raise CaptureError(
+            raise MissingPrivilege(
                 f"cannot start tcpdump: the agent lacks {', '.join(missing)}. Running tcpdump as an "
-                "unprivileged user with only CAP_NET_RAW and CAP_NET_ADMIN, and stopping it, take "
+                "unprivileged user with only CAP_NET_RAW, and stopping it, take "
                 f"{', '.join(_LAUNCH_CAPS)} in the agent container's securityContext.capabilities.add "
                 "(deploy/base/agent/daemonset.yaml)"
             )
@@ -135,6 +142,9 @@ class Tcpdump:
             await asyncio.wait(
                 {listening, exited}, timeout=_START_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED
             )
+        except BaseException:
+            await tcpdump.kill()
+            raise
         finally:
             listening.cancel()
             exited.cancel()

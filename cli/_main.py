@@ -256,7 +256,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--spool-dir", type=Path, default=Path("/var/lib/podcap/spool"))
     p.add_argument("--tcpdump", default="tcpdump", help="tcpdump binary")
     p.add_argument(
-        "--tcpdump-user", default="tcpdump", help="user tcpdump drops to after opening the device (-Z)"
+        "--tcpdump-user",
+        default="tcpdump",
+        help="the unprivileged user tcpdump (with only CAP_NET_RAW) and tshark (with none) run as",
     )
     p.add_argument("--max-duration", type=parse_duration, default=timedelta(hours=1))
     p.add_argument("--max-concurrent", type=int, default=8, help="captures running at once on this node")

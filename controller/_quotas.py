@@ -33,6 +33,10 @@ class Quotas:
     max_active_per_user: int = 0
     max_bytes_per_namespace_per_day: int = 0
 
+    @property
+    def enabled(self) -> bool:
+        return bool(self.max_active_per_user or self.max_bytes_per_namespace_per_day)
+
 
 def apply(
     quotas: Quotas,

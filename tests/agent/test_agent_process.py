@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import pwd
+import shutil
 import signal
 import subprocess
 import time
@@ -23,7 +24,7 @@ from google.protobuf.duration_pb2 import Duration
 from podcap.api.v1 import agent_pb2, common_pb2
 from tests.support.agents import NodeAgent, tcpdumps_writing_into
 from tests.support.lab import Lab
-from tests.support.processes import spool_root
+from tests.support.processes import PODCAP, spool_root
 from tests.support.s3 import S3Server
 
 pytestmark = pytest.mark.netns
@@ -369,3 +370,25 @@ def test_node_spool_limit_ends_a_capture_with_the_reason_and_keeps_its_pcap(
     data = (store / "spool-1.pcap").read_bytes()
     _assert_stored(capture, data)
     assert len(data) >= 3000 and _uris(data, tmp_path)[0] == "/fill-0"
+
+
+@pytest.mark.parametrize("missing", ["setpriv", "tcpdump", "tshark"])
+def test_the_agent_refuses_to_start_without_a_program_it_runs(tmp_path: Path, missing: str) -> None:
+    """setpriv, tcpdump and tshark are looked up on PATH once, at start (and then run by absolute path): a missing
+    one stops the agent before it does anything, saying which."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for program in {"setpriv", "tcpdump", "tshark"} - {missing}:
+        found = shutil.which(program)
+        assert found is not None
+        (bin_dir / program).symlink_to(found)
+    argv = [PODCAP, "agent", "--node-name", "node-x", "--listen", "127.0.0.1:0"]
+    argv += ["--store", f"file://{tmp_path}", "--spool-dir", str(tmp_path / "spool")]
+    done = subprocess.run(
+        argv, env={"PATH": str(bin_dir)}, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 1
+    last = done.stderr.splitlines()[-1]
+    assert last.startswith(f"podcap agent: cannot start: {missing!r} not found on PATH"), done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "spool").exists()  # nothing was done

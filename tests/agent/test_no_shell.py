@@ -4,10 +4,11 @@ A real `podcap agent` runs in a lab node under strace (`-f`, execve only), so ev
 executes is recorded with its exact argv, whichever code path started it. Captures are asked for through
 AgentService, as the controller does, with filters that compile, filters that look like shell, filters that try
 to be tcpdump options, and shell in pod names, namespaces, pod interfaces and capture ids. The trace must show only
-the programs the agent is meant to run (setpriv, tcpdump, tshark), never a shell; every tcpdump gets the user's
-filter as one argument after `--` and nothing of the user's text before it; a filter that does not compile, or
-has a token starting with `-`, is refused with INVALID_ARGUMENT before any program runs; and none of the files
-the hostile text would create ever exists.
+the programs the agent is meant to run (setpriv, tcpdump, tshark), never a shell, each run by its absolute path
+at the first attempt (no PATH search) and tcpdump and tshark only through setpriv, with the exact options that
+confine them; every tcpdump gets the user's filter as one argument after `--` and nothing of the user's text
+before it; a filter that does not compile, or has a token starting with `-`, is refused with INVALID_ARGUMENT
+before any program runs; and none of the files the hostile text would create ever exists.
 """
 
 from __future__ import annotations
@@ -20,11 +21,10 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, cast
 
 import grpc
 import pytest
@@ -39,10 +39,34 @@ pytestmark = pytest.mark.netns
 
 PORT = 8080
 COMPLETED, FAILED = common_pb2.CAPTURE_STATE_COMPLETED, common_pb2.CAPTURE_STATE_FAILED
-# What the agent runs: itself (the first execve, by strace), setpriv starting tcpdump, tshark summarising, and
-# ldconfig, which ctypes.util.find_library runs (`/sbin/ldconfig -p`, a fixed argv) to find libpcap, with which
-# the agent checks filters.
-ALLOWED = {"podcap", "setpriv", "tcpdump", "tshark", "ldconfig"}
+# What the agent runs: itself (the first execve, by strace), and setpriv, which starts tcpdump to capture and tshark
+# to summarise. Nothing else: not ldconfig either (ctypes.util.find_library would run it to find libpcap, with which
+# the agent checks filters; the agent loads libpcap by its soname).
+ALLOWED = {"podcap", "setpriv", "tcpdump", "tshark"}
+# setpriv's options for each program it starts, exactly: tcpdump as the tcpdump user with CAP_NET_RAW alone, ended
+# with SIGINT (it flushes) if the agent dies; tshark, which parses what pods sent, as that user with no capability.
+LAUNCHERS = {
+    "tcpdump": [
+        "--pdeathsig=INT",
+        "--reuid=tcpdump",
+        "--regid=tcpdump",
+        "--clear-groups",
+        "--inh-caps=-all,+net_raw",
+        "--ambient-caps=-all,+net_raw",
+        "--bounding-set=-all,+net_raw",
+        "--no-new-privs",
+    ],
+    "tshark": [
+        "--pdeathsig=KILL",
+        "--reuid=tcpdump",
+        "--regid=tcpdump",
+        "--clear-groups",
+        "--inh-caps=-all",
+        "--ambient-caps=-all",
+        "--bounding-set=-all",
+        "--no-new-privs",
+    ],
+}
 SHELLS = {"sh", "bash", "dash", "zsh", "ksh", "busybox", "env", "python", "python3"}
 # tcpdump's own options as the agent builds them, each with whether it takes a value.
 TCPDUMP_OPTIONS = {
@@ -107,19 +131,6 @@ def _strace_works() -> str | None:
     return None if done.returncode == 0 else f"strace cannot trace here: {done.stderr.strip()}"
 
 
-class _Traced:
-    """The lab as NodeAgent uses it, except that the agent starts under strace."""
-
-    def __init__(self, lab: Lab, prefix: Sequence[str]) -> None:
-        self._lab, self._prefix = lab, list(prefix)
-
-    def popen(self, netns: str, argv: Sequence[str], **kw: Any) -> subprocess.Popen[Any]:
-        return self._lab.popen(netns, [*self._prefix, *argv], **kw)
-
-    def forward_out(self, *args: Any) -> Any:
-        return self._lab.forward_out(*args)
-
-
 @contextlib.contextmanager
 def traced_agent(lab: Lab, spool: Path, tmp_path: Path) -> Iterator[tuple[NodeAgent, Path]]:
     """An agent in node-2 whose every execve, and its children's, strace writes to the returned file.
@@ -135,7 +146,7 @@ def traced_agent(lab: Lab, spool: Path, tmp_path: Path) -> Iterator[tuple[NodeAg
     prefix = ["strace", "-f", "-qq", "--seccomp-bpf", "-xx", "-s", "65536"]
     prefix += ["-e", "trace=execve,execveat", "-o", str(trace), "--"]
     agent = NodeAgent(
-        cast(Lab, _Traced(lab, prefix)), lab.nodes["node-2"], f"file://{tmp_path / 'store'}", spool, tmp_path
+        lab, lab.nodes["node-2"], f"file://{tmp_path / 'store'}", spool, tmp_path, prefix=prefix
     )
     strace = None
     try:
@@ -212,7 +223,7 @@ def _refused(agent: NodeAgent, request: agent_pb2.StartCaptureRequest) -> tuple[
 
 def _check_tcpdump_argv(argv: list[str], interface: str, spool: Path, filters: set[str]) -> str:
     """tcpdump's argv is the agent's fixed options, `--`, then at most one argument: one of `filters`."""
-    assert argv[0] == "tcpdump"
+    assert Path(argv[0]).is_absolute() and Path(argv[0]).name == "tcpdump", argv
     cut = argv.index("--")
     i = 1
     while i < cut:
@@ -302,20 +313,29 @@ def test_the_agent_never_runs_a_shell_and_never_hands_user_text_to_tcpdump_as_an
     assert set(programs) <= ALLOWED, f"the agent ran {set(programs) - ALLOWED}"
     assert not (set(programs) | {Path(e.argv[0]).name for e in execs if e.argv}) & SHELLS
     assert "tshark" in programs  # the trace covers the summary's programs too
+    # Absolute paths, found when the agent started: no exec searched PATH (execvp would try each entry in turn).
+    assert all(e.ok and Path(e.path).is_absolute() and e.argv[0] == e.path for e in execs[1:]), [
+        (e.path, e.ok) for e in execs if not e.ok or not Path(e.path).is_absolute()
+    ]
 
     filters_seen = []
-    for e in execs:
+    launched: dict[int, Exec] = {}  # pid -> its setpriv, until setpriv execs the program it confines
+    for e in execs[1:]:
+        assert e.pid != execs[0].pid, e  # the agent itself never execs again: every program runs in a child
         if Path(e.path).name == "setpriv":
-            launcher = e.argv[: e.argv.index("--")]
-            assert all(arg.startswith("--") for arg in launcher[1:]), e.argv
-            assert {"--reuid=tcpdump", "--no-new-privs"} <= set(launcher), e.argv
-            _check_tcpdump_argv(e.argv[len(launcher) + 1 :], server.host_if, spool, set(compiling))
-        elif Path(e.path).name == "tcpdump" and e.ok:
+            assert e.pid not in launched, e  # setpriv execs its program before anything else happens in it
+            launched[e.pid] = e
+            continue
+        setpriv = launched.pop(e.pid, None)  # the same process, so the confinement setpriv set up is in force
+        assert setpriv is not None, f"{e.path} ran without setpriv: {e.argv}"
+        cut = setpriv.argv.index("--")
+        assert setpriv.argv[cut + 1 :] == e.argv, (setpriv.argv, e.argv)
+        assert setpriv.argv[1:cut] == LAUNCHERS[Path(e.path).name], setpriv.argv
+        if Path(e.path).name == "tcpdump":
             filters_seen.append(_check_tcpdump_argv(e.argv, server.host_if, spool, set(compiling)))
-        elif Path(e.path).name == "ldconfig":
-            assert e.argv == ["/sbin/ldconfig", "-p"], e.argv
-        elif Path(e.path).name == "tshark":
-            assert not any(text in arg for text in compiling for arg in e.argv)  # fixed argv, file on stdin
+        else:  # tshark: a fixed argv, the pcap on stdin
+            assert not any(text in arg for text in compiling for arg in e.argv), e.argv
+    assert launched == {}, launched  # every setpriv ran its program
     # Every compiling filter reached tcpdump, as its last argument; no other text of the caller reached anything.
     assert sorted(filters_seen) == sorted(compiling)
     everything = "\0".join(arg for e in execs for arg in e.argv)

@@ -3,13 +3,16 @@
 The frames are built byte by byte (Ethernet, IPv4/IPv6, TCP, UDP, DNS, ICMP, with real checksums), so every number
 the summary should show is known in advance: how many packets, how many bytes, which conversation carried what,
 which segment is a retransmission, which DNS answer is NXDOMAIN. The bad files are the ones a node really leaves:
-a capture with no packets, one cut off mid-write, garbage, and a tshark that does not finish in time.
+a capture with no packets, one cut off mid-write, garbage, and a tshark that does not finish in time. tshark parses
+what pods sent, so it runs as the unprivileged tcpdump user with no capability, and summarises all the same.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
+import pwd
 import struct
 import threading
 import time
@@ -464,6 +467,48 @@ def test_cancel_stops_every_tshark(pcap: Path, traffic: Traffic) -> None:
             error="the summary was cancelled; only packet counts and times are given",
         )
     ]
+
+
+def test_tshark_as_the_unprivileged_user_summarises_the_same(pcap: Path, traffic: Traffic) -> None:
+    """The pcap reaches tshark on stdin: its user needs no access to the spool (here: root's private tmp_path)."""
+    assert oct(pcap.parent.stat().st_mode & 0o777) == oct(0o700)
+    summary = summarise(pcap, user="tcpdump", chunk_packets=7, workers=2)
+    assert summary == summarise(pcap, chunk_packets=7, workers=2)
+    assert summary.error == "" and summary.protocols and summary.packets == len(traffic.frames)
+
+
+@pytest.mark.parametrize("user", ["tcpdump", ""])
+def test_every_tshark_runs_as_the_user_without_any_capability(pcap: Path, user: str) -> None:
+    """setpriv starts each tshark as `user` (root's uid when there is none) with no capability in any set and
+    no_new_privs; sampled from /proc while tshark runs, one per packet."""
+    account = pwd.getpwnam(user or "root")
+    uid, gid = account.pw_uid, account.pw_gid
+    cancel = threading.Event()
+    options = {"chunk_packets": 1, "workers": 1, "cancel": cancel, "user": user}
+    worker = threading.Thread(target=summarise, args=(pcap,), kwargs=options)
+    worker.start()
+    seen: dict[str, dict[str, str]] = {}  # pid -> its /proc status, once it runs tshark
+    deadline = time.monotonic() + 20
+    try:
+        while len(seen) < 3 and time.monotonic() < deadline:
+            for path in Path("/proc").glob("[0-9]*/status"):
+                with contextlib.suppress(OSError):
+                    lines = path.read_text().splitlines()
+                    status = {key: value.strip() for key, _, value in (line.partition(":") for line in lines)}
+                    if status["Name"] == "tshark" and status["PPid"] == str(os.getpid()):
+                        seen[path.parent.name] = status
+            time.sleep(0.002)
+    finally:
+        cancel.set()
+        worker.join(timeout=10)
+    assert len(seen) >= 3, seen
+    for status in seen.values():
+        assert set(status["Uid"].split()) == {str(uid)} and set(status["Gid"].split()) == {str(gid)}, status
+        if user:
+            assert status["Groups"] == ""
+        for kind in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+            assert int(status[kind], 16) == 0, (kind, status)
+        assert status["NoNewPrivs"] == "1"
 
 
 def test_missing_file_raises(tmp_path: Path) -> None:

@@ -9,33 +9,37 @@ import pytest
 from podcap.agent._errors import InvalidCaptureRequest
 from podcap.agent._tcpdump import TcpdumpStats, parse_stats, tcpdump_argv
 
+SETPRIV, TCPDUMP = "/usr/bin/setpriv", "/usr/bin/tcpdump"
+
 
 def test_filter_is_one_argument_after_double_dash_and_last() -> None:
     argv = tcpdump_argv(
-        "tcpdump",
+        TCPDUMP,
         "cali0123456789a",
         Path("/spool/x.pcap"),
         262144,
         "tcp port 443 and host 10.0.0.1",
         "tcpdump",
         5,
+        setpriv=SETPRIV,
     )
     assert argv[-2:] == ["--", "tcp port 443 and host 10.0.0.1"]
     tcpdump = argv[argv.index("--") + 1 :]
-    assert tcpdump[:3] == ["tcpdump", "-i", "cali0123456789a"]
+    assert tcpdump[:3] == [TCPDUMP, "-i", "cali0123456789a"]
     assert tcpdump[tcpdump.index("-c") + 1] == "5"
 
 
 def test_tcpdump_never_runs_as_root_and_dies_with_its_agent() -> None:
-    argv = tcpdump_argv("tcpdump", "eth0", Path("/x.pcap"), 96, "", "tcpdump")
+    argv = tcpdump_argv(TCPDUMP, "eth0", Path("/x.pcap"), 96, "", "tcpdump", setpriv=SETPRIV)
     launcher = argv[: argv.index("--")]
-    assert launcher[0] == "setpriv"
+    assert launcher[0] == SETPRIV
     assert {"--reuid=tcpdump", "--regid=tcpdump", "--pdeathsig=INT", "--no-new-privs"} <= set(launcher)
-    assert "--ambient-caps=-all,+net_raw,+net_admin" in launcher
+    caps = {"--inh-caps=-all,+net_raw", "--ambient-caps=-all,+net_raw", "--bounding-set=-all,+net_raw"}
+    assert caps <= set(launcher)
 
 
 def test_empty_filter_captures_everything() -> None:
-    argv = tcpdump_argv("tcpdump", "eth0", Path("/x.pcap"), 96, "  ", "")
+    argv = tcpdump_argv(TCPDUMP, "eth0", Path("/x.pcap"), 96, "  ", "", setpriv=SETPRIV)
     assert argv[-1] == "--"
     assert not any(arg.startswith("--reuid") for arg in argv)
     assert "--pdeathsig=INT" in argv
@@ -44,7 +48,7 @@ def test_empty_filter_captures_everything() -> None:
 @pytest.mark.parametrize("bad", ["-z /evil.sh", "port 80 -w /etc/passwd", "port 80\x00"])
 def test_option_like_tokens_and_nul_are_refused(bad: str) -> None:
     with pytest.raises(InvalidCaptureRequest):
-        tcpdump_argv("tcpdump", "eth0", Path("/x.pcap"), 0, bad, "")
+        tcpdump_argv(TCPDUMP, "eth0", Path("/x.pcap"), 0, bad, "", setpriv=SETPRIV)
 
 
 def test_closing_statistics_are_parsed() -> None:

@@ -1,7 +1,8 @@
 """A real `podcap agent` process inside a lab node's netns, reachable from the test through a relay.
 
 Tests kill it (SIGTERM, SIGKILL) and start it again on the same spool, as a node would after a crash; the relay
-on the root side stays, so the address the test uses does not change across restarts.
+on the root side stays, so the address the test uses does not change across restarts. A `prefix` (setpriv with a
+capability list, strace) runs the agent under another program, as its own pid once that program execs it.
 """
 
 from __future__ import annotations
@@ -31,9 +32,11 @@ class NodeAgent:
         args: Sequence[str] = (),
         credentials: grpc.ChannelCredentials | None = None,
         server_name: str = "",
+        prefix: Sequence[str] = (),
     ) -> None:
         self.lab, self.node, self.store_url, self.spool = lab, node, store_url, spool
         self._log_dir, self._env, self._args = log_dir, env or {}, list(args)
+        self._prefix = list(prefix)
         self._port = free_port()
         relay = lab.forward_out("127.0.0.1", 0, node.netns, "127.0.0.1", self._port)
         self.address = f"{relay.host}:{relay.port}"
@@ -50,6 +53,7 @@ class NodeAgent:
         self.process = self.lab.popen(
             self.node.netns,
             [
+                *self._prefix,
                 PODCAP,
                 "agent",
                 "--node-name",

@@ -20,6 +20,10 @@ import threading
 _DLT_EN10MB = 1
 _SNAPLEN = 262144
 _NETMASK_UNKNOWN = 0xFFFFFFFF
+# Debian's and Ubuntu's soname for libpcap 1.x (the image's). Loaded by name, the dynamic loader finds it with no
+# subprocess; ctypes.util.find_library would run `/sbin/ldconfig -p` (and may look for gcc or ld on PATH) inside
+# the agent, the most privileged process of podcap, so it is only the fallback for other systems.
+_SONAME = "libpcap.so.0.8"
 
 
 class _BpfProgram(ctypes.Structure):
@@ -36,8 +40,13 @@ _lock = threading.Lock()
 
 @functools.cache
 def _libpcap() -> ctypes.CDLL:
-    name = ctypes.util.find_library("pcap") or "libpcap.so.0.8"
-    lib = ctypes.CDLL(name)
+    try:
+        lib = ctypes.CDLL(_SONAME)
+    except OSError:
+        name = ctypes.util.find_library("pcap")
+        if name is None:
+            raise
+        lib = ctypes.CDLL(name)
     lib.pcap_open_dead.restype = ctypes.c_void_p
     lib.pcap_open_dead.argtypes = [ctypes.c_int, ctypes.c_int]
     lib.pcap_compile.restype = ctypes.c_int
