@@ -137,28 +137,15 @@ def test_the_cli_talks_tls_to_the_controller_and_checks_its_certificate(tmp_path
             }
         )
     )
-    (tmp_path / "inventory.yaml").write_text(yaml.safe_dump({"pods": [], "agents": {}}))
     port = free_port()
+    argv = _controller_argv(
+        tmp_path,
+        f"127.0.0.1:{port}",
+        *("--auth-tokens", str(tokens), "--tls-cert", str(server.cert), "--tls-key", str(server.key)),
+    )
     with (tmp_path / "controller.log").open("wb") as log:
         process = subprocess.Popen(
-            [
-                PODCAP,
-                "controller",
-                "--listen",
-                f"127.0.0.1:{port}",
-                "--db",
-                f"sqlite:///{tmp_path / 'db'}",
-                "--store",
-                f"file://{tmp_path / 'store'}",
-                "--inventory",
-                str(tmp_path / "inventory.yaml"),
-                "--auth-tokens",
-                str(tokens),
-                "--tls-cert",
-                str(server.cert),
-                "--tls-key",
-                str(server.key),
-            ],
+            argv,
             stdout=log,
             stderr=subprocess.STDOUT,
         )
@@ -186,6 +173,31 @@ def test_the_cli_talks_tls_to_the_controller_and_checks_its_certificate(tmp_path
         stop(process)
 
 
+def _controller_argv(tmp_path: Path, listen: str, *flags: str) -> list[str]:
+    """`podcap controller` on SQLite, a local directory and an empty static inventory, with `flags`."""
+    (tmp_path / "inventory.yaml").write_text(yaml.safe_dump({"pods": [], "agents": {}}))
+    return [
+        PODCAP,
+        "controller",
+        "--listen",
+        listen,
+        "--db",
+        f"sqlite:///{tmp_path / 'db'}",
+        "--store",
+        f"file://{tmp_path / 'store'}",
+        "--inventory",
+        str(tmp_path / "inventory.yaml"),
+        *flags,
+    ]
+
+
+def _refused_at_start(argv: list[str]) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    return result
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
@@ -198,54 +210,14 @@ def test_a_controller_beyond_loopback_needs_authentication_and_tls(
 ) -> None:
     tokens = tmp_path / "tokens.yaml"
     tokens.write_text(yaml.safe_dump({"users": []}))
-    (tmp_path / "inventory.yaml").write_text(yaml.safe_dump({"pods": [], "agents": {}}))
-    result = subprocess.run(
-        [
-            PODCAP,
-            "controller",
-            "--listen",
-            f"0.0.0.0:{free_port()}",
-            "--db",
-            f"sqlite:///{tmp_path / 'db'}",
-            "--store",
-            f"file://{tmp_path / 'store'}",
-            "--inventory",
-            str(tmp_path / "inventory.yaml"),
-            *[str(tokens) if flag == "TOKENS" else flag for flag in flags],
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 2
+    flags = [str(tokens) if flag == "TOKENS" else flag for flag in flags]
+    result = _refused_at_start(_controller_argv(tmp_path, f"0.0.0.0:{free_port()}", *flags))
     assert message in result.stderr
-    assert "Traceback" not in result.stderr
 
 
 def test_a_broken_token_file_is_refused_at_start_saying_where(tmp_path: Path) -> None:
     tokens = tmp_path / "tokens.yaml"
     tokens.write_text(yaml.safe_dump({"roles": {"support": ["capture", "sniff"]}, "users": []}))
-    (tmp_path / "inventory.yaml").write_text(yaml.safe_dump({"pods": [], "agents": {}}))
-    result = subprocess.run(
-        [
-            PODCAP,
-            "controller",
-            "--listen",
-            f"127.0.0.1:{free_port()}",
-            "--db",
-            f"sqlite:///{tmp_path / 'db'}",
-            "--store",
-            f"file://{tmp_path / 'store'}",
-            "--inventory",
-            str(tmp_path / "inventory.yaml"),
-            "--auth-tokens",
-            str(tokens),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 2
+    listen = f"127.0.0.1:{free_port()}"
+    result = _refused_at_start(_controller_argv(tmp_path, listen, "--auth-tokens", str(tokens)))
     assert f"{tokens}: role 'support'" in result.stderr and "'sniff' is not a valid Action" in result.stderr
