@@ -24,6 +24,7 @@ from google.protobuf.duration_pb2 import Duration
 from podcap.api.v1 import agent_pb2, common_pb2
 from tests.support.agents import NodeAgent, tcpdumps_writing_into
 from tests.support.lab import Lab
+from tests.support.pcaps import http_uris
 from tests.support.processes import PODCAP, spool_root
 from tests.support.s3 import S3Server
 
@@ -115,14 +116,7 @@ def _probe(lab: Lab, path: str) -> None:
 def _uris(pcap: bytes, tmp_path: Path) -> list[str]:
     path = tmp_path / f"check-{hashlib.sha256(pcap).hexdigest()[:8]}.pcap"
     path.write_bytes(pcap)
-    out = subprocess.run(
-        ["tshark", "-r", str(path), "-T", "fields", "-e", "http.request.uri"],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    ).stdout
-    return [line for line in out.splitlines() if line]
+    return http_uris(path)
 
 
 def _object(s3: tuple[S3Server, str], key: str) -> bytes:

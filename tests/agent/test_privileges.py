@@ -22,7 +22,6 @@ import os
 import pwd
 import re
 import signal
-import subprocess
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -38,6 +37,7 @@ from google.protobuf.duration_pb2 import Duration
 from podcap.api.v1 import agent_pb2, common_pb2
 from tests.support.agents import NodeAgent, tcpdumps_writing_into
 from tests.support.lab import Lab, LabPod, build_lab, require_netns
+from tests.support.pcaps import http_uris
 from tests.support.processes import spool_root
 
 pytestmark = pytest.mark.netns
@@ -219,22 +219,11 @@ def _probe(lab: Lab, path: str, ip: str = HIDDEN_IP, port: int = PORT) -> None:
     assert lab.http_get(lab.pods["client"].netns, f"http://{ip}:{port}{path}", timeout=5) == 404
 
 
-def _uris(pcap: Path) -> list[str]:
-    out = subprocess.run(
-        ["tshark", "-r", str(pcap), "-T", "fields", "-e", "http.request.uri"],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    ).stdout
-    return [line for line in out.splitlines() if line]
-
-
 def _assert_stored(capture: agent_pb2.AgentCapture, store: Path, uri: str) -> None:
     assert capture.state == COMPLETED, capture.error
     pcap = store / capture.object_key
     assert capture.sha256 == hashlib.sha256(pcap.read_bytes()).hexdigest()
-    assert _uris(pcap) == [uri]
+    assert http_uris(pcap) == [uri]
 
 
 @contextlib.contextmanager

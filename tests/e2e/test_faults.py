@@ -23,6 +23,7 @@ import yaml
 from podcap.api.v1 import agent_pb2
 from tests.support.agents import NodeAgent
 from tests.support.lab import Lab
+from tests.support.pcaps import http_uris
 from tests.support.processes import PODCAP, ControllerProcess, spool_root
 from tests.support.s3 import S3Server
 
@@ -128,14 +129,7 @@ def _probe(rig: Rig, path: str) -> None:
 def _downloaded(rig: Rig, capture_id: str, tmp_path: Path) -> tuple[bytes, list[str]]:
     pcap = tmp_path / f"{capture_id}.pcap"
     rig.cli("download", capture_id, "-f", str(pcap))
-    out = subprocess.run(
-        ["tshark", "-r", str(pcap), "-T", "fields", "-e", "http.request.uri"],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    ).stdout
-    return pcap.read_bytes(), [line for line in out.splitlines() if line]
+    return pcap.read_bytes(), http_uris(pcap)
 
 
 def test_agent_killed_while_uploading_and_s3_down_still_completes(rig: Rig, tmp_path: Path) -> None:

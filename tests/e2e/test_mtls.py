@@ -12,7 +12,6 @@ naming the agent, and stores nothing that runs.
 from __future__ import annotations
 
 import json
-import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -27,6 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from podcap.api.v1 import agent_pb2, agent_pb2_grpc, capture_pb2, capture_pb2_grpc
 from tests.support.agents import NodeAgent, tcpdumps_writing_into
 from tests.support.lab import Lab
+from tests.support.pcaps import http_uris
 from tests.support.pki import CertificateAuthority, KeyPair
 from tests.support.processes import channel, cli, controller
 
@@ -173,14 +173,7 @@ def test_capture_works_end_to_end_over_mutual_tls(
         pcap = tmp_path / "server.pcap"
         downloaded = cli(["download", capture["id"], "-f", str(pcap)], address)
         assert downloaded.returncode == 0, downloaded.stderr
-    uris = subprocess.run(
-        ["tshark", "-r", str(pcap), "-T", "fields", "-e", "http.request.uri"],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    ).stdout.split()
-    assert uris == [f"/over-mtls-{i}" for i in range(3)]
+    assert http_uris(pcap) == [f"/over-mtls-{i}" for i in range(3)]
     assert "mutual TLS" in agent.log()
 
 

@@ -7,13 +7,16 @@ holding bytes that are not UTF-8 (`with_raw_string`), truncated or garbage bytes
 
 from __future__ import annotations
 
+import contextlib
 import os
+import time
 from collections.abc import Iterator
 
 import grpc
 from google.protobuf import message_factory
 from google.protobuf.descriptor import Descriptor, FieldDescriptor, ServiceDescriptor
 from google.protobuf.message import Message
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import event
 from hypothesis import strategies as st
 from hypothesis.control import currently_in_test_context
@@ -130,3 +133,25 @@ def assert_answer(
         assert details, f"{what}: {code.name} without a message"
         assert details.isprintable(), f"{what}: unprintable message {details!r}"
         assert len(details.encode()) < MAX_DETAILS, f"{what}: {len(details.encode())}-byte message"
+
+
+def _slow_filter() -> str:
+    """A valid filter under 4 KiB that libpcap's optimiser takes seconds to compile."""
+    ports = " or ".join(f"port {n}" for n in range(1, 600))
+    return ports[: ports.rfind(" or ", 0, 4096)]
+
+
+SLOW_FILTER = _slow_filter()
+
+
+def assert_serving_while(pending: grpc.Future, channel: grpc.Channel) -> None:
+    """While `pending` (a call compiling SLOW_FILTER) runs, the server still answers health checks at once;
+    then waits for `pending`, whatever it answered."""
+    try:
+        time.sleep(0.3)
+        health = health_pb2_grpc.HealthStub(channel)
+        status = health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+        assert status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        with contextlib.suppress(grpc.RpcError):
+            pending.result()
