@@ -46,6 +46,31 @@ CAPTURE_STATE_FAILED: CaptureState.ValueType  # 5
 CAPTURE_STATE_CANCELLED: CaptureState.ValueType  # 6
 Global___CaptureState: _TypeAlias = CaptureState  # noqa: Y015
 
+class _SummaryState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SummaryStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SummaryState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SUMMARY_STATE_UNSPECIFIED: _SummaryState.ValueType  # 0
+    SUMMARY_STATE_PENDING: _SummaryState.ValueType  # 1
+    """Being made (or waiting for the node's summary slot); the counts are not there yet."""
+    SUMMARY_STATE_READY: _SummaryState.ValueType  # 2
+    """Made from the whole pcap."""
+    SUMMARY_STATE_INCOMPLETE: _SummaryState.ValueType  # 3
+    """Made as far as it could be; `error` says what is missing."""
+
+class SummaryState(_SummaryState, metaclass=_SummaryStateEnumTypeWrapper): ...
+
+SUMMARY_STATE_UNSPECIFIED: SummaryState.ValueType  # 0
+SUMMARY_STATE_PENDING: SummaryState.ValueType  # 1
+"""Being made (or waiting for the node's summary slot); the counts are not there yet."""
+SUMMARY_STATE_READY: SummaryState.ValueType  # 2
+"""Made from the whole pcap."""
+SUMMARY_STATE_INCOMPLETE: SummaryState.ValueType  # 3
+"""Made as far as it could be; `error` says what is missing."""
+Global___SummaryState: _TypeAlias = SummaryState  # noqa: Y015
+
 @_typing.final
 class CaptureLimits(_message.Message):
     """Bounds on one capture; zero means the configured default."""
@@ -55,19 +80,25 @@ class CaptureLimits(_message.Message):
     MAX_PACKETS_FIELD_NUMBER: _builtins.int
     MAX_BYTES_FIELD_NUMBER: _builtins.int
     SNAPLEN_FIELD_NUMBER: _builtins.int
+    BUFFER_SIZE_FIELD_NUMBER: _builtins.int
     max_packets: _builtins.int
     max_bytes: _builtins.int
     snaplen: _builtins.int
+    buffer_size: _builtins.int
+    """The kernel's capture buffer for this capture in bytes (tcpdump -B), 0 for the node's default; at most the
+    node's cap. A larger buffer rides out longer bursts before the kernel drops packets, at that much memory.
+    """
     def __init__(
         self,
         *,
         max_packets: _builtins.int = ...,
         max_bytes: _builtins.int = ...,
         snaplen: _builtins.int = ...,
+        buffer_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_bytes", b"max_bytes", "max_packets", b"max_packets", "snaplen", b"snaplen"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["buffer_size", b"buffer_size", "max_bytes", b"max_bytes", "max_packets", b"max_packets", "snaplen", b"snaplen"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -123,6 +154,7 @@ class CaptureSummary(_message.Message):
     TCP_RETRANSMISSIONS_FIELD_NUMBER: _builtins.int
     DNS_ERRORS_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
     packets: _builtins.int
     bytes: _builtins.int
     tcp_resets: _builtins.int
@@ -131,6 +163,10 @@ class CaptureSummary(_message.Message):
     """DNS responses with an error rcode (NXDOMAIN, SERVFAIL, ...)."""
     error: _builtins.str
     """Why the summary is missing or partial; the pcap itself is unaffected."""
+    state: Global___SummaryState.ValueType
+    """The summary is made after the pcap is stored and never holds it back: a COMPLETED capture is downloadable
+    while its summary is still PENDING.
+    """
     @_builtins.property
     def first_packet_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -156,10 +192,11 @@ class CaptureSummary(_message.Message):
         tcp_retransmissions: _builtins.int = ...,
         dns_errors: _builtins.int = ...,
         error: _builtins.str = ...,
+        state: Global___SummaryState.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["first_packet_time", b"first_packet_time", "last_packet_time", b"last_packet_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "conversations", b"conversations", "dns_errors", b"dns_errors", "error", b"error", "first_packet_time", b"first_packet_time", "last_packet_time", b"last_packet_time", "packets", b"packets", "protocols", b"protocols", "tcp_resets", b"tcp_resets", "tcp_retransmissions", b"tcp_retransmissions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "conversations", b"conversations", "dns_errors", b"dns_errors", "error", b"error", "first_packet_time", b"first_packet_time", "last_packet_time", b"last_packet_time", "packets", b"packets", "protocols", b"protocols", "state", b"state", "tcp_resets", b"tcp_resets", "tcp_retransmissions", b"tcp_retransmissions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
