@@ -2,19 +2,24 @@
 
 A `CaptureJob` is the agent's record of one capture; the `CaptureManager` starts jobs within the node's limits,
 stops them on request or at shutdown, and lets callers watch them change. The pcap is spooled on the node and
-uploaded while it grows; a capture is COMPLETED only after the object store confirmed the upload. A job's spool
-directory outlives the agent: the next agent start recovers it and finishes the upload.
+uploaded while it grows; a capture is COMPLETED, and downloadable, as soon as the object store confirmed the
+upload. Its summary follows with its own state (PENDING until made): summaries run one at a time on the node, in
+one low-priority thread whose tsharks (`Limits.summary_tsharks`) bound the memory they take however many captures
+end together. A job's spool directory outlives the agent: the next agent start recovers it and finishes the
+upload, or only the summary.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,6 +36,7 @@ from ._errors import (
 )
 from ._model import TERMINAL, CaptureSnapshot, CaptureSpec, JobState, Limits, Programs
 from ._pcapfile import count_pcap_packets
+from ._priority import lower_this_thread
 from ._resolve import Interface, Resolution, Resolver
 from ._spool import Ended, Spool, SpoolEntry
 from ._summary import Summary, summarise
@@ -83,6 +89,11 @@ class CaptureManager:
         self._retry = retry or RetryPolicy()
         self._jobs: dict[str, CaptureJob] = {}
         self._starting = asyncio.Lock()
+        # One thread, so one summary at a time node-wide; at low priority, which its tsharks inherit.
+        self._summaries = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="summary", initializer=lower_this_thread
+        )
+        self._shutting_down = False
 
     def resolve(self, pod_ips: Sequence[str], pod_interface: str = "") -> Resolution:
         return self._resolver.resolve(pod_ips, pod_interface=pod_interface)
@@ -114,6 +125,7 @@ class CaptureManager:
                     self._user,
                     max_packets=spec.max_packets,
                     setpriv=self._programs.setpriv,
+                    buffer_kib=spec.buffer_size // 1024,
                 )
                 tcpdump = await Tcpdump.start(argv)
                 snapshot = CaptureSnapshot(
@@ -171,9 +183,18 @@ class CaptureManager:
             raise InvalidCaptureRequest("max_packets and max_bytes may not be negative")
         if not 0 <= spec.snaplen <= limits.max_snaplen:
             raise InvalidCaptureRequest(f"snaplen must be between 0 and {limits.max_snaplen}")
+        if not (0 <= spec.buffer_size <= limits.max_buffer_size and spec.buffer_size % 1024 == 0):
+            raise InvalidCaptureRequest(
+                f"the capture buffer must be a whole number of KiB up to {limits.max_buffer_size >> 20} MiB on "
+                f"this node (0 for the default, {limits.default_buffer_size >> 20} MiB)"
+            )
         if not spec.object_key:
             raise InvalidCaptureRequest("object_key is required")
-        return replace(spec, snaplen=spec.snaplen or limits.default_snaplen)
+        return replace(
+            spec,
+            snaplen=spec.snaplen or limits.default_snaplen,
+            buffer_size=spec.buffer_size or limits.default_buffer_size,
+        )
 
     def _check_room(self) -> None:
         """RESOURCE_EXHAUSTED, with the numbers, when this node may not take another capture now."""
@@ -234,38 +255,44 @@ class CaptureManager:
             )
 
     async def _finish_upload(self, job: CaptureJob, upload: asyncio.Task[StoredObject], failure: str) -> None:
-        """Waits for the confirmed upload; only then is the capture done and its spool freed."""
-        # tcpdump has exited, so the spooled pcap is final: summarise it while the upload finishes.
-        summary = asyncio.create_task(self._summarise(job.spool.pcap))
-        try:
-            stored = await upload
-        except BaseException:
-            summary.cancel()
-            raise
-        size = stored.size
+        """Waits for the confirmed upload: then the capture is done and downloadable, and its summary follows."""
+        stored = await upload
+        await asyncio.to_thread(job.spool.record_stored, stored)  # a restart now only has the summary to make
         state = JobState.FAILED if failure else JobState.COMPLETED
-        job.update(state=state, size=size, sha256=stored.sha256, error=failure, summary=await summary)
-        job.spool.remove()
+        job.update(
+            state=state, size=stored.size, sha256=stored.sha256, error=failure, summary=Summary(pending=True)
+        )
         log.info(
             "capture %s: %s, %d bytes stored at %s",
             job.snapshot.spec.capture_id,
             state,
-            size,
-            job.snapshot.spec.object_key,
+            stored.size,
+            stored.key,
         )
+        await self._finish_summary(job)
+
+    async def _finish_summary(self, job: CaptureJob) -> None:
+        """Summarises the stored pcap, then frees its spool; at shutdown the spool keeps it for the next start."""
+        if self._shutting_down:
+            return
+        summary = await self._summarise(job.spool.pcap)
+        await asyncio.to_thread(job.spool.remove)
+        job.update(summary=summary)
 
     async def _summarise(self, pcap: Path) -> Summary:
         """What is inside the pcap; a summary that cannot be made never costs the capture."""
         cancel = threading.Event()
+        work = functools.partial(
+            summarise,
+            pcap,
+            cancel=cancel,
+            workers=self._limits.summary_tsharks,
+            user=self._user,
+            tshark=self._programs.tshark,
+            setpriv=self._programs.setpriv,
+        )
         try:
-            return await asyncio.to_thread(
-                summarise,
-                pcap,
-                cancel=cancel,
-                user=self._user,
-                tshark=self._programs.tshark,
-                setpriv=self._programs.setpriv,
-            )
+            return await asyncio.get_running_loop().run_in_executor(self._summaries, work)
         except asyncio.CancelledError:
             cancel.set()  # the worker thread cannot be cancelled, but its tsharks can
             raise
@@ -374,6 +401,18 @@ class CaptureManager:
             )
             job = CaptureJob(snapshot=snapshot, spool=entry)
             self._jobs[spec.capture_id] = job
+            if (stored := entry.stored()) is not None:
+                job.snapshot = replace(
+                    snapshot,
+                    state=JobState.FAILED if ended.error else JobState.COMPLETED,
+                    size=stored.size,
+                    sha256=stored.sha256,
+                    error=ended.error,
+                    summary=Summary(pending=True),
+                )
+                job.task = asyncio.create_task(self._finish_summary(job), name=f"summary-{spec.capture_id}")
+                log.info("capture %s: recovered from the spool, stored already, summarising", spec.capture_id)
+                continue
             job.task = asyncio.create_task(
                 self._recover_upload(job, ended.error), name=f"recover-{spec.capture_id}"
             )
@@ -414,21 +453,30 @@ class CaptureManager:
         return job.snapshot
 
     async def watch(self, capture_id: str) -> AsyncIterator[CaptureSnapshot]:
-        """The snapshot now and after each change, ending with the terminal one."""
+        """The snapshot now and after each change, ending once it is settled (terminal, and summarised)."""
         job = self._job(capture_id)
         while True:
             changed = job.changed
             snapshot = job.snapshot
             yield snapshot
-            if snapshot.state in TERMINAL:
-                return
+            if snapshot.settled or (self._shutting_down and snapshot.state in TERMINAL):
+                return  # at shutdown a summary still to make is left to the next start
             await changed.wait()
 
     async def shutdown(self, grace_s: float) -> None:
-        """Stops every capture and gives uploads `grace_s` to finish; what is left stays in the spool."""
+        """Stops every capture and gives uploads `grace_s` to finish; what is left stays in the spool.
+
+        Summaries are not waited for: a stored pcap's summary is made by the next start, from the spool."""
+        self._shutting_down = True
         for job in self._jobs.values():
             job.stop_requested.set()
         tasks = [job.task for job in self._jobs.values() if job.task is not None and not job.task.done()]
+        summarising = [job.task for job in self._jobs.values() if job.snapshot.state in TERMINAL and job.task]
+        for task in summarising:
+            task.cancel()
+        self._summaries.shutdown(wait=False, cancel_futures=True)
+        for job in self._jobs.values():
+            job.update()  # wakes watchers of stored captures, whose summaries now wait for the next start
         if not tasks:
             return
         _, pending = await asyncio.wait(tasks, timeout=grace_s)

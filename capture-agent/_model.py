@@ -40,6 +40,7 @@ class CaptureSpec:
     snaplen: int = 0
     pod_interface: str = ""
     host_network: bool = False
+    buffer_size: int = 0  # bytes of kernel capture buffer (tcpdump -B); 0 for the node's default
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> CaptureSpec:
@@ -65,6 +66,11 @@ class CaptureSnapshot:
     ended_at: datetime | None = None
     summary: Summary | None = None
 
+    @property
+    def settled(self) -> bool:
+        """Nothing more will change: the capture is over and its summary (if any) made."""
+        return self.state in TERMINAL and not (self.summary is not None and self.summary.pending)
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -73,10 +79,17 @@ class Limits:
     max_duration_s: float = 3600.0
     default_snaplen: int = 262144
     max_snaplen: int = 262144
+    # The kernel's capture buffer of each tcpdump (-B), and the most a request may ask for: memory the kernel
+    # locks per capture. docs/capture-fidelity.md has the measurements behind the default.
+    default_buffer_size: int = 32 << 20
+    max_buffer_size: int = 256 << 20
     max_concurrent: int = 8
     max_spool_bytes: int = 8 << 30
     min_free_bytes: int = 1 << 30
     shutdown_grace_s: float = 20.0
+    # tshark processes summarising pcaps at once on the whole node (one summary at a time uses them all): what
+    # bounds the memory summaries take, ~300 MB each (see _summary.py), however many captures end together.
+    summary_tsharks: int = 2
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from ._errors import (
 )
 from ._model import CaptureSnapshot, CaptureSpec, JobState
 from ._resolve import Interface, Resolution
-from ._summary import Summary
+from ._summary import Summary, SummaryState
 from ._validation import check_capture_id, check_filter, check_pod, check_start
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -48,6 +48,11 @@ _STATES = {
     JobState.COMPLETED: common_pb2.CAPTURE_STATE_COMPLETED,
     JobState.FAILED: common_pb2.CAPTURE_STATE_FAILED,
     JobState.CANCELLED: common_pb2.CAPTURE_STATE_CANCELLED,
+}
+_SUMMARY_STATES = {
+    SummaryState.PENDING: common_pb2.SUMMARY_STATE_PENDING,
+    SummaryState.READY: common_pb2.SUMMARY_STATE_READY,
+    SummaryState.INCOMPLETE: common_pb2.SUMMARY_STATE_INCOMPLETE,
 }
 
 
@@ -78,6 +83,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             snaplen=request.limits.snaplen,
             pod_interface=request.pod_interface,
             host_network=request.host_network,
+            buffer_size=request.limits.buffer_size,
         )
         return _capture(await self._captures.start(spec))
 
@@ -195,4 +201,5 @@ def _summary(summary: Summary) -> common_pb2.CaptureSummary:
         tcp_retransmissions=summary.tcp_retransmissions,
         dns_errors=summary.dns_errors,
         error=summary.error,
+        state=_SUMMARY_STATES[summary.state],
     )

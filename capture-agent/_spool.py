@@ -1,9 +1,10 @@
 """The node's spool: where a pcap lives from tcpdump's first byte until the object store has confirmed it.
 
 Each capture gets a directory `<spool>/<capture_id>/` holding `capture.pcap`, `capture.json` (what was asked and
-where tcpdump runs, written before tcpdump starts) and `ended.json` (tcpdump's statistics, written when it has
-exited). The directory is removed only after a confirmed upload. An agent that was killed finds these
-directories at its next start and finishes what they record, so no pcap is lost to a restart.
+where tcpdump runs, written before tcpdump starts), `ended.json` (tcpdump's statistics, written when it has
+exited) and `stored.json` (the object store's confirmation of the upload). The directory is removed once the
+stored pcap is also summarised. An agent that was killed finds these directories at its next start and finishes
+what they record (upload, or only the summary), so no pcap is lost to a restart.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from podcap.storage import StoredObject
+
 from ._errors import AgentError, MissingPrivilege
 
 log = logging.getLogger(__name__)
@@ -29,6 +32,7 @@ log = logging.getLogger(__name__)
 PCAP = "capture.pcap"
 _STARTED = "capture.json"
 _ENDED = "ended.json"
+_STORED = "stored.json"
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,16 @@ class SpoolEntry:
         except FileNotFoundError:
             return None
 
+    def record_stored(self, stored: StoredObject) -> None:
+        _write_json(self.directory / _STORED, asdict(stored))
+
+    def stored(self) -> StoredObject | None:
+        """The confirmed upload, once there is one: the pcap then waits only for its summary."""
+        try:
+            return StoredObject(**json.loads((self.directory / _STORED).read_text()))
+        except FileNotFoundError:
+            return None
+
     def remove(self) -> None:
         """Removes the directory and what it holds. What cannot be removed stays and is logged, never raised: the
         caller is done with the capture, or is undoing a start because of another error, the one to report."""
@@ -130,7 +144,8 @@ class Spool:
                 yield SpoolEntry(directory)
 
     def total_bytes(self) -> int:
-        return sum(entry.size() for entry in self.entries())
+        """Bytes of pcap not yet stored (a stored pcap waiting for its summary only takes disk space)."""
+        return sum(entry.size() for entry in self.entries() if not (entry.directory / _STORED).exists())
 
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free

@@ -49,6 +49,7 @@ home. Every tshark is reaped; past the timeout, or when the caller cancels, all 
 
 from __future__ import annotations
 
+import enum
 import json
 import os
 import re
@@ -65,7 +66,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["Conversation", "ProtocolCount", "Summary", "summarise"]
+__all__ = ["Conversation", "ProtocolCount", "Summary", "SummaryState", "summarise"]
 
 _CHUNK_PACKETS = 200_000
 _CHUNK_BYTES = 128 << 20  # and a chunk of jumbo frames stays bounded too (IP reassembly keeps fragments)
@@ -118,12 +119,19 @@ class Conversation:
     bytes: int
 
 
+class SummaryState(enum.StrEnum):
+    PENDING = "PENDING"  # queued or being made: nothing counted yet
+    READY = "READY"
+    INCOMPLETE = "INCOMPLETE"  # made as far as it could be; ``error`` says what is missing
+
+
 @dataclass(frozen=True)
 class Summary:
     """What a pcap holds. ``error`` says why the summary is missing or partial; the pcap itself is unaffected.
 
     ``bytes`` are bytes on the wire (a packet's original length, also when the capture cut it to a snaplen), the
-    same measure as the protocol and conversation sizes. Timestamps are UTC, to the microsecond.
+    same measure as the protocol and conversation sizes. Timestamps are UTC, to the microsecond. ``pending``
+    marks the placeholder a stored capture carries until its summary is made (`Summary.PENDING`).
     """
 
     packets: int = 0
@@ -136,6 +144,13 @@ class Summary:
     tcp_retransmissions: int = 0
     dns_errors: int = 0
     error: str = ""
+    pending: bool = False
+
+    @property
+    def state(self) -> SummaryState:
+        if self.pending:
+            return SummaryState.PENDING
+        return SummaryState.INCOMPLETE if self.error else SummaryState.READY
 
     def to_json(self) -> str:
         """Compact JSON text, as the controller stores it; ``from_json`` reads it back."""
@@ -178,6 +193,7 @@ class Summary:
                 tcp_retransmissions=int(record.get("tcp_retransmissions", 0)),
                 dns_errors=int(record.get("dns_errors", 0)),
                 error=str(record.get("error", "")),
+                pending=bool(record.get("pending", False)),
             )
         except (KeyError, TypeError, AttributeError) as error:
             raise ValueError(f"not a summary: {error!r}") from error

@@ -69,6 +69,7 @@ def tcpdump_argv(
     max_packets: int = 0,
     *,
     setpriv: str,
+    buffer_kib: int = 0,
 ) -> list[str]:
     """The exact command line: tcpdump under setpriv, the filter one argument, last, after `--`.
 
@@ -94,6 +95,8 @@ def tcpdump_argv(
         ]
     argv += ["--", tcpdump, "-i", interface, "-w", str(spool_file), "-U", "--immediate-mode", "-n"]
     argv += ["-s", str(snaplen)]
+    if buffer_kib:
+        argv += ["-B", str(buffer_kib)]
     if max_packets:
         argv += ["-c", str(max_packets)]
     argv.append("--")

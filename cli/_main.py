@@ -270,6 +270,21 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-snaplen", type=int, default=262144)
     p.add_argument(
+        "--buffer-size",
+        type=int,
+        default=32 << 20,
+        help="bytes of kernel capture buffer per capture, unless the request asks for another (tcpdump -B)",
+    )
+    p.add_argument(
+        "--max-buffer-size", type=int, default=256 << 20, help="the most capture buffer a request may ask for"
+    )
+    p.add_argument(
+        "--summary-tsharks",
+        type=int,
+        default=2,
+        help="tshark processes summarising pcaps at once on this node (~300 MB each at most)",
+    )
+    p.add_argument(
         "--shutdown-grace",
         type=parse_duration,
         default=timedelta(seconds=20),
@@ -480,6 +495,9 @@ def _run_agent(args: argparse.Namespace) -> int:
             max_duration_s=args.max_duration.total_seconds(),
             max_snaplen=args.max_snaplen,
             default_snaplen=args.max_snaplen,
+            default_buffer_size=args.buffer_size,
+            max_buffer_size=args.max_buffer_size,
+            summary_tsharks=args.summary_tsharks,
             max_concurrent=args.max_concurrent,
             max_spool_bytes=args.max_spool_bytes,
             min_free_bytes=args.min_free_bytes,

@@ -281,9 +281,7 @@ class Captures:
             agent_pb2.PodRef(namespace=target.namespace, name=target.pod, ips=target.pod_ip.split(",")),
             row.filter,
             timedelta(milliseconds=row.duration_ms),
-            common_pb2.CaptureLimits(
-                max_packets=row.max_packets, max_bytes=row.max_bytes, snaplen=row.snaplen
-            ),
+            capture_limits(row),
             target.object_key,
             pod_interface=row.pod_interface,
             host_network=row.host_network,
@@ -375,7 +373,7 @@ class Captures:
         return Page(rows, _encode_token(rows[-1]) if more else "")
 
     async def watch(self, capture_id: str, caller: Caller) -> AsyncIterator[CaptureRow]:
-        """The capture now and after every change, ending with its terminal snapshot."""
+        """The capture now and after every change, ending once it is terminal and every summary is in."""
         await self.get(capture_id, caller)
         last: datetime | None = None
         while True:
@@ -384,7 +382,7 @@ class Captures:
             if row.updated_at != last:
                 last = row.updated_at
                 yield row
-            if row.state in TERMINAL_STATES:
+            if row.state in TERMINAL_STATES and not any(t.summary_pending for t in row.targets):
                 return
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(changed.wait(), timeout=_WATCH_POLL_S)
@@ -505,7 +503,8 @@ class Captures:
         task.add_done_callback(lambda _: self._following.pop(key, None))
 
     async def _follow_target(self, capture_id: str, index: int, address: str) -> None:
-        """Mirrors the agent's reports into SQL until the target is terminal; gives up on a lost agent."""
+        """Mirrors the agent's reports into SQL until the target is settled (terminal, its summary in); gives up
+        on a lost agent."""
         loop = asyncio.get_running_loop()
         give_up_at = loop.time() + self._settings.agent_lost_after.total_seconds()
         delay = 0.2
@@ -553,7 +552,9 @@ class Captures:
         return True
 
     async def _record(self, capture_id: str, index: int, report: AgentCapture) -> bool:
-        """Writes an agent report; True once the target is terminal."""
+        """Writes an agent report; True once the target is settled: terminal, and its summary in.
+
+        A terminal target takes nothing but its summary from later reports: its state and figures are final."""
 
         def write(repo: CaptureRepository) -> bool:
             row = repo.get_for_update(capture_id)
@@ -561,7 +562,10 @@ class Captures:
                 return True
             target = row.targets[index]
             if target.state in TERMINAL_STATES:
-                return True
+                if target.summary_pending and report.HasField("summary"):
+                    _record_summary(target, report.summary)
+                    row.updated_at = datetime.now(UTC)
+                return not target.summary_pending
             now = datetime.now(UTC)
             state = _AGENT_STATES.get(report.state, target.state)
             if state != target.state:
@@ -575,13 +579,13 @@ class Captures:
             target.sha256 = report.sha256
             target.error = report.error
             if report.HasField("summary"):
-                target.summary = json_format.MessageToJson(report.summary, indent=None)
+                _record_summary(target, report.summary)
             if report.HasField("start_time"):
                 target.started_at = report.start_time.ToDatetime(UTC)
             if target.state in TERMINAL_STATES:
                 target.ended_at = report.end_time.ToDatetime(UTC) if report.HasField("end_time") else now
             _roll_up(row, now)
-            return target.state in TERMINAL_STATES
+            return target.state in TERMINAL_STATES and not target.summary_pending
 
         done = await self._tx(write)
         self._changes.notify(capture_id)
@@ -590,16 +594,29 @@ class Captures:
     async def _record_failure(self, capture_id: str, index: int, error: str) -> None:
         def write(repo: CaptureRepository) -> None:
             row = repo.get_for_update(capture_id)
-            if row is None or row.targets[index].state in TERMINAL_STATES:
+            if row is None:
                 return
             now = datetime.now(UTC)
             target = row.targets[index]
+            if target.state in TERMINAL_STATES:
+                if target.summary_pending:  # stored, but its summary will not come: say so rather than wait
+                    summary = json_format.Parse(target.summary, common_pb2.CaptureSummary())
+                    summary.state = common_pb2.SUMMARY_STATE_INCOMPLETE
+                    summary.error = f"no summary: {error}"
+                    _record_summary(target, summary)
+                    row.updated_at = now
+                return
             target.state, target.error, target.ended_at = CaptureState.FAILED, error, now
             _event(row, target, CaptureState.FAILED, now, error)
             _roll_up(row, now)
 
         await self._tx(write)
         self._changes.notify(capture_id)
+
+
+def _record_summary(target: TargetRow, summary: common_pb2.CaptureSummary) -> None:
+    target.summary = json_format.MessageToJson(summary, indent=None)
+    target.summary_pending = summary.state == common_pb2.SUMMARY_STATE_PENDING
 
 
 def _event(
@@ -673,6 +690,7 @@ def _new_row(
         max_packets=request.max_packets,
         max_bytes=request.max_bytes,
         snaplen=request.snaplen,
+        buffer_size=request.buffer_size,
         pod_interface=request.pod_interface,
         host_network=request.host_network,
         state=CaptureState.PENDING,
@@ -695,6 +713,12 @@ def _new_row(
         for pod in pods
     ]
     return row
+
+
+def capture_limits(row: CaptureRow) -> common_pb2.CaptureLimits:
+    return common_pb2.CaptureLimits(
+        max_packets=row.max_packets, max_bytes=row.max_bytes, snaplen=row.snaplen, buffer_size=row.buffer_size
+    )
 
 
 def pod_context(pod: Pod) -> str:
@@ -724,8 +748,8 @@ def _same_request(existing: CaptureRow, request: CaptureRequest) -> CaptureRow:
         and existing.label_selector == request.label_selector
         and existing.filter == request.filter
         and existing.duration_ms == int(request.duration.total_seconds() * 1000)
-        and (existing.max_packets, existing.max_bytes, existing.snaplen)
-        == (request.max_packets, request.max_bytes, request.snaplen)
+        and (existing.max_packets, existing.max_bytes, existing.snaplen, existing.buffer_size)
+        == (request.max_packets, request.max_bytes, request.snaplen, request.buffer_size)
         and (existing.pod_interface, existing.host_network) == (request.pod_interface, request.host_network)
     )
     if not same:

@@ -21,7 +21,7 @@ from podcap.storage import CaptureRow, CaptureState, StorageError, TargetRow
 
 from ._access import AccessControl, Audited, Caller
 from ._agents import AgentFailed
-from ._captures import Captures
+from ._captures import Captures, capture_limits
 from ._errors import (
     ControllerError,
     Forbidden,
@@ -89,6 +89,7 @@ class CaptureServicer(capture_pb2_grpc.CaptureServiceServicer):
                 max_packets=request.limits.max_packets,
                 max_bytes=request.limits.max_bytes,
                 snaplen=request.limits.snaplen,
+                buffer_size=request.limits.buffer_size,
                 request_id=request.request_id,
                 reason=request.reason,
                 pod_interface=request.pod_interface,
@@ -223,9 +224,7 @@ def capture_message(row: CaptureRow) -> capture_pb2.Capture:
         label_selector=row.label_selector,
         filter=row.filter,
         duration=duration,
-        limits=common_pb2.CaptureLimits(
-            max_packets=row.max_packets, max_bytes=row.max_bytes, snaplen=row.snaplen
-        ),
+        limits=capture_limits(row),
         requester=row.requester,
         reason=row.reason,
         request_id=row.request_id or "",

@@ -44,6 +44,7 @@ class CaptureRequest:
     max_packets: int = 0
     max_bytes: int = 0
     snaplen: int = 0
+    buffer_size: int = 0
     request_id: str = ""
     reason: str = ""
     label_selector: str = ""
@@ -107,6 +108,9 @@ def validate(request: CaptureRequest, caps: CaptureLimitsCaps) -> CaptureRequest
         raise InvalidRequest(f"max_packets must be at most {_MAX_PACKETS} (tcpdump counts in a C int)")
     if not 0 <= request.snaplen <= caps.max_snaplen:
         raise InvalidRequest(f"snaplen must be between 0 (full packets) and {caps.max_snaplen}")
+    if request.buffer_size < 0 or request.buffer_size % 1024:
+        # tcpdump -B counts KiB; the node's agent enforces its own cap on the size.
+        raise InvalidRequest("buffer_size must be a whole number of KiB (0 for the node's default)")
     if len(request.request_id) > _MAX_REQUEST_ID:
         raise InvalidRequest(f"request_id is longer than {_MAX_REQUEST_ID} characters")
     if len(request.reason) > _MAX_REASON:

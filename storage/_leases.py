@@ -12,6 +12,9 @@ from sqlalchemy.orm import Session
 
 from ._models import TERMINAL_STATES, TargetRow
 
+# A target is followed until it is terminal and its summary is in.
+_FOLLOWED = or_(TargetRow.state.not_in(TERMINAL_STATES), TargetRow.summary_pending)
+
 
 @dataclass(frozen=True)
 class Claim:
@@ -39,7 +42,7 @@ class TargetLeases:
             .where(
                 TargetRow.capture_id == capture_id,
                 TargetRow.index == index,
-                TargetRow.state.not_in(TERMINAL_STATES),
+                _FOLLOWED,
                 self._free_or(owner, now),
             )
             .values(lease_owner=owner, lease_expires_at=until)
@@ -48,11 +51,11 @@ class TargetLeases:
         return bool(result.rowcount)  # type: ignore[attr-defined]
 
     def claimable(self, owner: str, now: datetime, limit: int = 100) -> list[Claim]:
-        """Non-terminal targets nobody (else) follows right now."""
+        """Targets still to follow (not terminal, or waiting for their summary) nobody (else) follows now."""
         rows = self._session.execute(
             select(TargetRow.capture_id, TargetRow.index, TargetRow.agent_address)
             .where(
-                TargetRow.state.not_in(TERMINAL_STATES),
+                _FOLLOWED,
                 or_(
                     TargetRow.lease_owner == "",
                     TargetRow.lease_expires_at.is_(None),
@@ -64,17 +67,15 @@ class TargetLeases:
         return [Claim(capture_id, index, address) for capture_id, index, address in rows]
 
     def renew(self, owner: str, until: datetime) -> set[tuple[str, int]]:
-        """Extends every lease `owner` holds on a non-terminal target; returns the targets still held."""
+        """Extends every lease `owner` holds on a target still to follow; returns the targets still held."""
         self._session.execute(
             update(TargetRow)
-            .where(TargetRow.lease_owner == owner, TargetRow.state.not_in(TERMINAL_STATES))
+            .where(TargetRow.lease_owner == owner, _FOLLOWED)
             .values(lease_expires_at=until)
             .execution_options(synchronize_session=False)
         )
         held = self._session.execute(
-            select(TargetRow.capture_id, TargetRow.index).where(
-                TargetRow.lease_owner == owner, TargetRow.state.not_in(TERMINAL_STATES)
-            )
+            select(TargetRow.capture_id, TargetRow.index).where(TargetRow.lease_owner == owner, _FOLLOWED)
         ).all()
         return {(capture_id, index) for capture_id, index in held}
 

@@ -156,6 +156,7 @@ class CaptureRow(Base):
     max_packets: Mapped[int] = _count()
     max_bytes: Mapped[int] = _count()
     snaplen: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    buffer_size: Mapped[int] = _count()  # bytes of kernel capture buffer asked for; 0 for the node's default
     pod_interface: Mapped[str] = _text(String(15))
     host_network: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     state: Mapped[CaptureState] = _state_column()
@@ -214,6 +215,8 @@ class TargetRow(Base):
     lease_owner: Mapped[str] = _text(String(128))
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     summary: Mapped[str] = _text()  # JSON (protobuf JSON of CaptureSummary) of what is inside the pcap
+    # A terminal target is still followed while its agent makes the summary (the pcap is downloadable already).
+    summary_pending: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
     def __repr__(self) -> str:
         return f"<TargetRow {self.capture_id}[{self.index}] {self.namespace}/{self.pod} {self.state}>"

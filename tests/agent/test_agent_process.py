@@ -8,6 +8,7 @@ the agent, restart it on the same spool, and check every stored object's bytes a
 from __future__ import annotations
 
 import hashlib
+import json
 import pwd
 import shutil
 import signal
@@ -22,7 +23,7 @@ import pytest
 from google.protobuf.duration_pb2 import Duration
 
 from podcap.api.v1 import agent_pb2, common_pb2
-from tests.support.agents import NodeAgent, tcpdumps_writing_into
+from tests.support.agents import NodeAgent, tcpdumps_writing_into, wait_for
 from tests.support.lab import Lab
 from tests.support.pcaps import http_uris
 from tests.support.processes import PODCAP, spool_root
@@ -91,21 +92,6 @@ def _start(
     return agent.stub.StartCapture(request, timeout=15)
 
 
-def _wait(agent: NodeAgent, capture_id: str, states: set[int], timeout: float = 60) -> agent_pb2.AgentCapture:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            capture = agent.stub.GetCapture(agent_pb2.AgentCaptureRef(capture_id=capture_id), timeout=5)
-            if capture.state in states:
-                return capture
-        except grpc.RpcError as exc:
-            if exc.code() != grpc.StatusCode.UNAVAILABLE:
-                raise
-        if time.monotonic() > deadline:
-            raise AssertionError(f"capture {capture_id} never reached {states}:\n{agent.log()[-4000:]}")
-        time.sleep(0.1)
-
-
 def _probe(lab: Lab, path: str) -> None:
     assert (
         lab.http_get(lab.pods["client"].netns, f"http://{lab.pods['server'].ip}:{PORT}{path}", timeout=5)
@@ -147,8 +133,18 @@ def test_sigterm_stops_captures_and_finishes_their_uploads(
     _probe(lab, "/before-sigterm")
     assert agent.signal(signal.SIGTERM) == 0
     assert tcpdumps_writing_into(spool) == []
-    assert list(spool.iterdir()) == []  # uploaded, so the spool is empty
-    assert _uris(_object(s3, "term-1.pcap"), tmp_path) == ["/before-sigterm"]
+    data = _object(s3, "term-1.pcap")
+    assert _uris(data, tmp_path) == ["/before-sigterm"]
+    # Stored before the agent exited; only the summary, which never delays a shutdown, is left to the next start.
+    stored = json.loads((spool / "term-1" / "stored.json").read_text())
+    assert stored["sha256"] == hashlib.sha256(data).hexdigest()
+
+    agent.start()
+    capture = wait_for(agent, "term-1")
+    assert capture.state == COMPLETED and capture.sha256 == stored["sha256"], capture.error
+    assert capture.summary.state == common_pb2.SUMMARY_STATE_READY and capture.summary.packets > 0
+    assert list(spool.iterdir()) == []
+    assert _object(s3, "term-1.pcap") == data
 
 
 def test_sigkill_leaves_no_tcpdump_and_the_next_start_uploads_the_pcap(
@@ -167,7 +163,7 @@ def test_sigkill_leaves_no_tcpdump_and_the_next_start_uploads_the_pcap(
     assert tcpdumps_writing_into(spool) == [], "tcpdump outlived its agent"
 
     agent.start()
-    capture = _wait(agent, "kill-1", {COMPLETED, FAILED})
+    capture = wait_for(agent, "kill-1", {COMPLETED, FAILED})
     assert capture.state == COMPLETED, capture.error
     data = _object(s3, "kill-1.pcap")
     _assert_stored(capture, data)
@@ -186,7 +182,7 @@ def test_s3_outage_keeps_the_capture_uploading_until_it_is_back(
     server.stop()
     _start(agent, lab, "outage-1", seconds=1)
     _probe(lab, "/during-outage")
-    uploading = _wait(agent, "outage-1", {UPLOADING, COMPLETED, FAILED})
+    uploading = wait_for(agent, "outage-1", {UPLOADING, COMPLETED, FAILED})
     assert uploading.state == UPLOADING
     deadline = time.monotonic() + 20
     while "retrying" not in agent.stub.GetCapture(agent_pb2.AgentCaptureRef(capture_id="outage-1")).error:
@@ -196,7 +192,7 @@ def test_s3_outage_keeps_the_capture_uploading_until_it_is_back(
 
     server.start()
     server.client().create_bucket(Bucket=bucket)  # moto keeps buckets in memory: a restart loses them
-    capture = _wait(agent, "outage-1", {COMPLETED, FAILED})
+    capture = wait_for(agent, "outage-1", {COMPLETED, FAILED})
     assert capture.state == COMPLETED, capture.error
     data = _object(s3, "outage-1.pcap")
     _assert_stored(capture, data)
@@ -214,14 +210,14 @@ def test_agent_killed_while_uploading_finishes_after_restart(
     server.stop()
     _start(agent, lab, "restart-1", seconds=1)
     _probe(lab, "/before-restart")
-    assert _wait(agent, "restart-1", {UPLOADING, COMPLETED, FAILED}).state == UPLOADING
+    assert wait_for(agent, "restart-1", {UPLOADING, COMPLETED, FAILED}).state == UPLOADING
     stats = agent.stub.GetCapture(agent_pb2.AgentCaptureRef(capture_id="restart-1")).stats
     agent.signal(signal.SIGKILL)
 
     server.start()
     server.client().create_bucket(Bucket=bucket)
     agent.start()
-    capture = _wait(agent, "restart-1", {COMPLETED, FAILED})
+    capture = wait_for(agent, "restart-1", {COMPLETED, FAILED})
     assert capture.state == COMPLETED, capture.error
     assert (capture.stats.packets, capture.stats.kernel_drops) == (stats.packets, stats.kernel_drops)
     data = _object(s3, "restart-1.pcap")
@@ -240,7 +236,7 @@ def test_node_limits_refuse_with_the_numbers(
     assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "already runs 1 captures (at most 1)" in refused.value.details()
     agent.stub.StopCapture(agent_pb2.AgentCaptureRef(capture_id="first"))
-    assert _wait(agent, "first", {COMPLETED, FAILED}).state == COMPLETED
+    assert wait_for(agent, "first", {COMPLETED, FAILED}).state == COMPLETED
 
     full = _agent(
         lab, f"file://{tmp_path / 'store'}", spool, tmp_path, None, "--min-free-bytes", str(1 << 60)
@@ -267,11 +263,11 @@ def test_several_captures_of_one_pod_and_packet_and_byte_limits(
     for i in range(5):
         _probe(lab, f"/probe-{i}")
         time.sleep(0.5)  # the byte limit is checked a few times a second: spread the traffic over time
-    three = _wait(agent, "three", {COMPLETED, FAILED}, timeout=30)
-    small = _wait(agent, "small", {COMPLETED, FAILED}, timeout=30)
+    three = wait_for(agent, "three", {COMPLETED, FAILED}, timeout=30)
+    small = wait_for(agent, "small", {COMPLETED, FAILED}, timeout=30)
     for capture_id in ("all-a", "all-b"):
         agent.stub.StopCapture(agent_pb2.AgentCaptureRef(capture_id=capture_id))
-    a, b = (_wait(agent, c, {COMPLETED, FAILED}) for c in ("all-a", "all-b"))
+    a, b = (wait_for(agent, c, {COMPLETED, FAILED}) for c in ("all-a", "all-b"))
 
     expected = [f"/probe-{i}" for i in range(5)]
     assert _uris((store / "all-a.pcap").read_bytes(), tmp_path) == expected
@@ -295,7 +291,7 @@ def test_a_pod_deleted_mid_capture_fails_the_capture_but_keeps_the_pcap(
     assert lab.http_get(lab.pods["client"].netns, f"http://{doomed.ip}:{PORT}/last-words", timeout=5) == 404
     time.sleep(0.3)
     lab.delete_pod("doomed")
-    capture = _wait(agent, "doomed-1", {COMPLETED, FAILED}, timeout=30)
+    capture = wait_for(agent, "doomed-1", {COMPLETED, FAILED}, timeout=30)
     assert capture.state == FAILED
     assert "network namespace vanished" in capture.error
     data = (store / "doomed-1.pcap").read_bytes()
@@ -318,7 +314,7 @@ def test_host_network_pod_is_refused_unless_asked_for_and_then_captured_on_the_n
     assert started.resolution.interface == "eth0"
     assert started.resolution.strategy.startswith("host-network")
     agent.stub.StopCapture(agent_pb2.AgentCaptureRef(capture_id="hostnet-1"))
-    assert _wait(agent, "hostnet-1", {COMPLETED, FAILED}).state == COMPLETED
+    assert wait_for(agent, "hostnet-1", {COMPLETED, FAILED}).state == COMPLETED
 
 
 def test_resolve_pod_and_list_interfaces_explain_the_choice(
@@ -358,7 +354,7 @@ def test_node_spool_limit_ends_a_capture_with_the_reason_and_keeps_its_pcap(
     for i in range(10):
         _probe(lab, f"/fill-{i}")
         time.sleep(0.3)
-    capture = _wait(agent, "spool-1", {COMPLETED, FAILED}, timeout=30)
+    capture = wait_for(agent, "spool-1", {COMPLETED, FAILED}, timeout=30)
     assert capture.state == FAILED
     assert "spool limit of 3000 bytes was reached" in capture.error
     data = (store / "spool-1.pcap").read_bytes()
@@ -386,3 +382,35 @@ def test_the_agent_refuses_to_start_without_a_program_it_runs(tmp_path: Path, mi
     assert last.startswith(f"podcap agent: cannot start: {missing!r} not found on PATH"), done.stderr
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "spool").exists()  # nothing was done
+
+
+def test_a_request_sets_the_capture_buffer_within_the_nodes_cap(
+    lab: Lab, spool: Path, tmp_path: Path, agents: list[NodeAgent]
+) -> None:
+    lab.http_server(lab.pods["server"].netns, PORT)
+    agent = _agent(
+        lab, f"file://{tmp_path / 'store'}", spool, tmp_path, None, "--max-buffer-size", str(64 << 20)
+    )
+    agents.append(agent)
+
+    def tcpdump_buffer() -> str:
+        (tcpdump,) = tcpdumps_writing_into(spool)
+        argv = Path(f"/proc/{tcpdump}/cmdline").read_bytes().split(b"\0")
+        return argv[argv.index(b"-B") + 1].decode()
+
+    _start(agent, lab, "default-buffer", seconds=30)
+    assert tcpdump_buffer() == str(32 << 10)  # the node's default, in tcpdump's KiB
+    agent.stub.StopCapture(agent_pb2.AgentCaptureRef(capture_id="default-buffer"))
+    wait_for(agent, "default-buffer")
+
+    _start(agent, lab, "big-buffer", seconds=30, limits=common_pb2.CaptureLimits(buffer_size=64 << 20))
+    assert tcpdump_buffer() == str(64 << 10)
+    _probe(lab, "/with-a-big-buffer")
+    agent.stub.StopCapture(agent_pb2.AgentCaptureRef(capture_id="big-buffer"))
+    assert wait_for(agent, "big-buffer").state == COMPLETED
+
+    with pytest.raises(grpc.RpcError) as refused:
+        _start(agent, lab, "too-big", limits=common_pb2.CaptureLimits(buffer_size=128 << 20))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "up to 64 MiB on this node" in (refused.value.details() or "")
+    assert tcpdumps_writing_into(spool) == []

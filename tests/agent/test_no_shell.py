@@ -20,7 +20,6 @@ import secrets
 import shutil
 import signal
 import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -31,7 +30,7 @@ import pytest
 from google.protobuf.duration_pb2 import Duration
 
 from podcap.api.v1 import agent_pb2, common_pb2
-from tests.support.agents import NodeAgent, tcpdumps_writing_into
+from tests.support.agents import NodeAgent, tcpdumps_writing_into, wait_for
 from tests.support.lab import Lab
 from tests.support.processes import spool_root
 
@@ -77,6 +76,7 @@ TCPDUMP_OPTIONS = {
     "-n": False,
     "-s": True,
     "-c": True,
+    "-B": True,
 }
 _EXECVE = re.compile(r'^(\d+) +execve\("((?:\\x[0-9a-f]{2})*)", \[(.*?)\](.*)$')
 _STRING = re.compile(r'"((?:\\x[0-9a-f]{2})*)"')
@@ -204,17 +204,6 @@ def _request(
     )
 
 
-def _wait(agent: NodeAgent, capture_id: str, timeout: float = 60) -> agent_pb2.AgentCapture:
-    deadline = time.monotonic() + timeout
-    while True:
-        capture = agent.stub.GetCapture(agent_pb2.AgentCaptureRef(capture_id=capture_id), timeout=5)
-        if capture.state in (COMPLETED, FAILED):
-            return capture
-        if time.monotonic() > deadline:
-            raise AssertionError(f"capture {capture_id!r} never ended:\n{agent.log()[-4000:]}")
-        time.sleep(0.1)
-
-
 def _refused(agent: NodeAgent, request: agent_pb2.StartCaptureRequest) -> tuple[grpc.StatusCode, str]:
     with pytest.raises(grpc.RpcError) as refused:
         agent.stub.StartCapture(request, timeout=15)
@@ -302,7 +291,7 @@ def test_the_agent_never_runs_a_shell_and_never_hands_user_text_to_tcpdump_as_an
             code, details = _refused(agent, _request(f"iface-{n}", server.ip, "tcp", interface=interface))
             assert code == grpc.StatusCode.INVALID_ARGUMENT, details
 
-        ended = [_wait(agent, capture_id) for capture_id in started]
+        ended = [wait_for(agent, capture_id) for capture_id in started]
         assert [c.state for c in ended] == [COMPLETED] * len(started), [c.error for c in ended]
         assert ended[0].stats.packets > 0 and ended[0].summary.error == ""  # tshark summarised it
         assert tcpdumps_writing_into(spool) == []

@@ -35,7 +35,7 @@ import yaml
 from google.protobuf.duration_pb2 import Duration
 
 from podcap.api.v1 import agent_pb2, common_pb2
-from tests.support.agents import NodeAgent, tcpdumps_writing_into
+from tests.support.agents import NodeAgent, tcpdumps_writing_into, wait_for
 from tests.support.lab import Lab, LabPod, build_lab, require_netns
 from tests.support.pcaps import http_uris
 from tests.support.processes import spool_root
@@ -203,18 +203,6 @@ def _start(
     return agent.stub.StartCapture(request, timeout=15)
 
 
-def _wait(agent: NodeAgent, capture_id: str, timeout: float = 60) -> agent_pb2.AgentCapture:
-    deadline = time.monotonic() + timeout
-    while True:
-        with contextlib.suppress(grpc.RpcError):  # UNAVAILABLE while a restarted agent comes up
-            capture = agent.stub.GetCapture(agent_pb2.AgentCaptureRef(capture_id=capture_id), timeout=5)
-            if capture.state in (COMPLETED, FAILED):
-                return capture
-        if time.monotonic() > deadline:
-            raise AssertionError(f"capture {capture_id} never ended:\n{agent.log()[-4000:]}")
-        time.sleep(0.1)
-
-
 def _probe(lab: Lab, path: str, ip: str = HIDDEN_IP, port: int = PORT) -> None:
     assert lab.http_get(lab.pods["client"].netns, f"http://{ip}:{port}{path}", timeout=5) == 404
 
@@ -271,7 +259,7 @@ def test_the_manifests_capabilities_are_enough_for_a_whole_capture(node_lab: Lab
             assert _caps(dumped["CapEff"]) == _caps(dumped["CapBnd"]) == {"NET_RAW"}
             _probe(node_lab, "/confined-1")
             agent.stub.StopCapture(agent_pb2.AgentCaptureRef(capture_id="whole-1"))
-            capture = _wait(agent, "whole-1")
+            capture = wait_for(agent, "whole-1")
         _assert_stored(capture, store, "/confined-1")
         assert capture.summary.error == "" and capture.summary.protocols  # tshark's statistics ran
         # ... as the tcpdump user, without a single capability: it parses what the pods sent.
@@ -295,7 +283,7 @@ def test_the_manifests_capabilities_are_enough_for_a_whole_capture(node_lab: Lab
             time.sleep(0.05)
         assert tcpdumps_writing_into(spool) == [], "tcpdump outlived its agent"
         agent.start()
-        _assert_stored(_wait(agent, "whole-2"), store, "/confined-2")
+        _assert_stored(wait_for(agent, "whole-2"), store, "/confined-2")
         assert list(spool.iterdir()) == []
 
 
@@ -312,7 +300,7 @@ def test_the_manifests_capabilities_capture_on_a_bridge_port_and_on_the_node_int
         assert started.resolution.interface == expected
         _probe(node_lab, f"/{wiring}", ip=ip, port=port)
         agent.stub.StopCapture(agent_pb2.AgentCaptureRef(capture_id=wiring))
-        _assert_stored(_wait(agent, wiring), tmp_path / "store", f"/{wiring}")
+        _assert_stored(wait_for(agent, wiring), tmp_path / "store", f"/{wiring}")
 
 
 def test_every_capability_in_the_manifest_is_shown_to_be_needed() -> None:
@@ -335,7 +323,7 @@ def test_without_one_capability_a_capture_fails_and_says_why(
             outcome = f"{refused.code().name}: {refused.details()}"
         else:
             agent.stub.StopCapture(agent_pb2.AgentCaptureRef(capture_id="attempt"))
-            capture = _wait(agent, "attempt")
+            capture = wait_for(agent, "attempt")
             outcome = f"{common_pb2.CaptureState.Name(capture.state)}: {capture.error}"
         assert re.fullmatch(seen, outcome, re.DOTALL), outcome
         assert logged in agent.log()

@@ -15,7 +15,7 @@ import pytest
 import sqlalchemy as sa
 from google.protobuf.duration_pb2 import Duration
 
-from podcap.api.v1 import capture_pb2, capture_pb2_grpc
+from podcap.api.v1 import capture_pb2, capture_pb2_grpc, common_pb2
 from tests.support.processes import cli, controller, free_port
 
 INVENTORY = """
@@ -180,4 +180,15 @@ def test_cli_exits_non_zero_with_the_servers_message(
     )
     assert result.returncode != 0
     assert "INVALID_ARGUMENT" in result.stderr
+    assert _stored(engine) == 0
+
+
+@pytest.mark.parametrize("buffer_size", [-1024, 1000, (32 << 20) + 1])
+def test_a_capture_buffer_that_is_not_whole_kib_is_refused(
+    offline: tuple[capture_pb2_grpc.CaptureServiceStub, str, sa.Engine], buffer_size: int
+) -> None:
+    stub, _, engine = offline
+    refused = _create(stub, limits=common_pb2.CaptureLimits(buffer_size=buffer_size))
+    assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "buffer_size must be a whole number of KiB" in (refused.details() or "")
     assert _stored(engine) == 0

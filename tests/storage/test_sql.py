@@ -268,3 +268,27 @@ def test_unreachable_database_raises_database_unavailable() -> None:
 def test_unsupported_database_url_is_refused() -> None:
     with pytest.raises(ValueError, match="unsupported database URL"):
         create_engine_for("mysql://root@localhost/podcap")
+
+
+def test_a_stored_target_waiting_for_its_summary_is_still_followed(
+    db_sessionmaker: sessionmaker[Session],
+) -> None:
+    now, until = datetime.now(UTC), datetime.now(UTC) + timedelta(seconds=10)
+    waiting = _capture(
+        state=CaptureState.COMPLETED, targets=[_target("waiting", state=CaptureState.COMPLETED)]
+    )
+    waiting.targets[0].summary_pending = True
+    with db_sessionmaker.begin() as session:
+        CaptureRepository(session).add(waiting)
+    with db_sessionmaker.begin() as session:
+        leases = TargetLeases(session)
+        assert waiting.id in {c.capture_id for c in leases.claimable("a", now)}
+        assert leases.claim(waiting.id, 0, "a", until, now)
+        assert (waiting.id, 0) in leases.renew("a", until)
+    with db_sessionmaker.begin() as session:
+        target = CaptureRepository(session).get_for_update(waiting.id).targets[0]  # type: ignore[union-attr]
+        target.summary_pending = False  # the summary came in: nothing left to follow
+    with db_sessionmaker.begin() as session:
+        leases = TargetLeases(session)
+        assert (waiting.id, 0) not in leases.renew("a", until)
+        assert waiting.id not in {c.capture_id for c in leases.claimable("b", now + timedelta(seconds=11))}

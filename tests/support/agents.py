@@ -10,12 +10,13 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
 
-from podcap.api.v1 import agent_pb2_grpc
+from podcap.api.v1 import agent_pb2, agent_pb2_grpc, common_pb2
 from tests.support.lab import Lab, Node
 from tests.support.processes import PODCAP, channel, free_port, stop, wait_healthy
 
@@ -105,3 +106,26 @@ def tcpdumps_writing_into(directory: Path) -> list[int]:
         if any(arg.startswith(str(directory).encode()) for arg in argv):
             found.append(int(proc.name))
     return found
+
+
+_ENDED = frozenset({common_pb2.CAPTURE_STATE_COMPLETED, common_pb2.CAPTURE_STATE_FAILED})
+
+
+def wait_for(
+    agent: NodeAgent, capture_id: str, states: frozenset[int] | set[int] = _ENDED, timeout: float = 60
+) -> agent_pb2.AgentCapture:
+    """The agent's capture once it is in one of `states`; an ended capture (the default) also has its summary
+    made, since the summary follows the stored pcap. UNAVAILABLE while a restarted agent comes up is waited out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            capture = agent.stub.GetCapture(agent_pb2.AgentCaptureRef(capture_id=capture_id), timeout=5)
+            pending = capture.summary.state == common_pb2.SUMMARY_STATE_PENDING
+            if capture.state in states and not (capture.state in _ENDED and pending):
+                return capture
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                raise
+        if time.monotonic() > deadline:
+            raise AssertionError(f"capture {capture_id!r} never reached {states}:\n{agent.log()[-4000:]}")
+        time.sleep(0.1)
