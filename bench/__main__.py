@@ -11,6 +11,7 @@ BENCHMARKS = [
     "bench.create_capture",
     "bench.list_captures",
     "bench.summary",
+    "bench.summary_memory",
 ]
 
 
