@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
@@ -26,6 +27,47 @@ def _error(exc: grpc.aio.AioRpcError) -> ClientError:
 
 def _state_name(state: int) -> str:
     return common_pb2.CaptureState.Name(state).removeprefix("CAPTURE_STATE_")  # type: ignore[arg-type]
+
+
+TERMINAL = frozenset(
+    (common_pb2.CAPTURE_STATE_COMPLETED, common_pb2.CAPTURE_STATE_FAILED, common_pb2.CAPTURE_STATE_CANCELLED)
+)
+
+
+class Progress:
+    """What a waiting command says on stderr: each state change once, the summary's arrival, and a warning the
+    moment a capture ends with packets the kernel dropped (what was captured is still complete, but not all)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self._enabled = enabled
+        self._last_state = -1
+        self._warned = False
+        self._summaries_pending = False
+
+    def update(self, capture: capture_pb2.Capture) -> None:
+        if not self._enabled:
+            return
+        packets = sum(t.stats.packets for t in capture.targets)
+        if capture.state != self._last_state:
+            self._last_state = capture.state
+            print(f"{capture.id}: {_state_name(capture.state)} ({packets} packets)", file=sys.stderr)
+        if capture.state not in TERMINAL:
+            return
+        drops = sum(t.stats.kernel_drops for t in capture.targets)
+        if drops and not self._warned:
+            self._warned = True
+            print(
+                f"warning: the kernel dropped {drops} packets that matched the filter ({packets} captured); "
+                "capture again with a larger --buffer-size (e.g. 128M) or a narrower --filter",
+                file=sys.stderr,
+            )
+        pending = any(
+            t.HasField("summary") and t.summary.state == common_pb2.SUMMARY_STATE_PENDING
+            for t in capture.targets
+        )
+        if pending and not self._summaries_pending:
+            print(f"{capture.id}: the pcap is stored; summarising what is inside", file=sys.stderr)
+        self._summaries_pending = pending
 
 
 class Connection:
@@ -61,6 +103,7 @@ class Connection:
         max_packets: int,
         max_bytes: int,
         snaplen: int,
+        buffer_size: int,
         reason: str,
         request_id: str,
         label_selector: str = "",
@@ -74,7 +117,9 @@ class Connection:
             pod=pod,
             filter=filter_expr,
             duration=proto_duration,
-            limits=common_pb2.CaptureLimits(max_packets=max_packets, max_bytes=max_bytes, snaplen=snaplen),
+            limits=common_pb2.CaptureLimits(
+                max_packets=max_packets, max_bytes=max_bytes, snaplen=snaplen, buffer_size=buffer_size
+            ),
             reason=reason,
             request_id=request_id,
             label_selector=label_selector,
@@ -135,19 +180,23 @@ class Connection:
             request.page_token = response.next_page_token
         return captures[:limit]
 
-    async def wait(self, capture_id: str, progress: bool) -> capture_pb2.Capture:
-        """Follows the capture until it ends, printing each state change to stderr when asked."""
-        last: capture_pb2.Capture | None = None
+    async def watch(self, capture_id: str) -> AsyncIterator[capture_pb2.Capture]:
+        """Every snapshot WatchCapture sends, until the capture is settled: ended, and each pod's summary in."""
         try:
             async for capture in self._stub.WatchCapture(
                 capture_pb2.WatchCaptureRequest(id=capture_id), metadata=self._metadata
             ):
-                if progress and (last is None or last.state != capture.state):
-                    packets = sum(t.stats.packets for t in capture.targets)
-                    print(f"{capture.id}: {_state_name(capture.state)} ({packets} packets)", file=sys.stderr)
-                last = capture
+                yield capture
         except grpc.aio.AioRpcError as exc:
             raise _error(exc) from exc
+
+    async def wait(self, capture_id: str, progress: bool) -> capture_pb2.Capture:
+        """Follows the capture until it is settled, printing each change to stderr when asked."""
+        shown = Progress(enabled=progress)
+        last: capture_pb2.Capture | None = None
+        async for capture in self.watch(capture_id):
+            shown.update(capture)
+            last = capture
         if last is None:
             raise ClientError(f"the controller sent nothing for capture {capture_id}")
         return last

@@ -17,8 +17,9 @@ from datetime import timedelta
 from pathlib import Path
 
 from podcap.api.serving import TlsFiles
+from podcap.api.v1 import capture_pb2
 
-from ._client import ClientError, Connection
+from ._client import TERMINAL, ClientError, Connection, Progress
 from ._download import download
 from ._output import print_capture, print_captures
 
@@ -26,6 +27,8 @@ SERVER_ENV = "PODCAP_SERVER"
 TOKEN_ENV = "PODCAP_TOKEN"  # noqa: S105  # the variable's name, not a token
 CA_ENV = "PODCAP_CA"
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
 def parse_duration(text: str) -> timedelta:
@@ -37,6 +40,19 @@ def parse_duration(text: str) -> timedelta:
         raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 30s, 1m30s or 500ms")
     units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
     return timedelta(seconds=sum(float(n) * units[u] for n, u in _DURATION_PART.findall(text)))
+
+
+def parse_size(text: str) -> int:
+    """Bytes as people type them: `10k`, `64M`, `1.5G`, `512KiB`, `2GB`; a bare number is bytes. The units are
+    powers of 1024 whichever way they are spelled (10k is 10240 bytes), as in tcpdump's -B and in ls -h."""
+    match = _SIZE.fullmatch(text.strip())
+    if not match:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 10k, 64M or 1G")
+    number, unit = match.groups()
+    size = float(number) * _SIZE_UNITS[unit.lower()]
+    if size != int(size):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of bytes")
+    return int(size)
 
 
 def _non_negative_duration(text: str) -> timedelta:
@@ -100,9 +116,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--duration", type=parse_duration, default=timedelta(seconds=30), help="e.g. 30s, 2m (default 30s)"
     )
-    p.add_argument("--max-packets", type=int, default=0)
-    p.add_argument("--max-bytes", type=int, default=0)
+    p.add_argument("--max-packets", type=int, default=0, help="stop after this many packets")
+    p.add_argument(
+        "--max-bytes", type=parse_size, default=0, metavar="SIZE", help="stop at this pcap size, e.g. 100M"
+    )
     p.add_argument("--snaplen", type=int, default=0, help="bytes kept per packet (default: whole packets)")
+    p.add_argument(
+        "--buffer-size",
+        type=parse_size,
+        default=0,
+        metavar="SIZE",
+        help="kernel capture buffer, e.g. 128M, if the node's default drops packets (up to the node's cap)",
+    )
     p.add_argument("--reason", default="", help="why, for the audit trail (a ticket number, say)")
     p.add_argument("--request-id", default="", help="makes a retried command return the same capture")
     p.add_argument(
@@ -184,7 +209,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--max-bytes-per-namespace-per-day",
-        type=int,
+        type=parse_size,
         default=0,
         metavar="BYTES",
         help="quota: pcap bytes a namespace's captures may store in 24 hours (default 0: no quota)",
@@ -263,20 +288,23 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-duration", type=parse_duration, default=timedelta(hours=1))
     p.add_argument("--max-concurrent", type=int, default=8, help="captures running at once on this node")
     p.add_argument(
-        "--max-spool-bytes", type=int, default=8 << 30, help="pcap bytes spooled and not yet uploaded"
+        "--max-spool-bytes", type=parse_size, default=8 << 30, help="pcap bytes spooled and not yet uploaded"
     )
     p.add_argument(
-        "--min-free-bytes", type=int, default=1 << 30, help="refuse captures below this much free disk"
+        "--min-free-bytes", type=parse_size, default=1 << 30, help="refuse captures below this much free disk"
     )
     p.add_argument("--max-snaplen", type=int, default=262144)
     p.add_argument(
         "--buffer-size",
-        type=int,
+        type=parse_size,
         default=32 << 20,
         help="bytes of kernel capture buffer per capture, unless the request asks for another (tcpdump -B)",
     )
     p.add_argument(
-        "--max-buffer-size", type=int, default=256 << 20, help="the most capture buffer a request may ask for"
+        "--max-buffer-size",
+        type=parse_size,
+        default=256 << 20,
+        help="the most capture buffer a request may ask for",
     )
     p.add_argument(
         "--summary-tsharks",
@@ -381,6 +409,7 @@ async def _client_command(args: argparse.Namespace) -> int:
                 max_packets=args.max_packets,
                 max_bytes=args.max_bytes,
                 snaplen=args.snaplen,
+                buffer_size=args.buffer_size,
                 reason=args.reason,
                 request_id=args.request_id,
                 label_selector=args.selector,
@@ -388,10 +417,7 @@ async def _client_command(args: argparse.Namespace) -> int:
                 host_network=args.host_network,
             )
             if args.wait or args.download:
-                capture = await conn.wait(capture.id, progress=True)
-            if args.download and capture.state == conn.completed:
-                merge = len(capture.targets) > 1
-                await download(conn, capture, args.download, target=None, every=False, merge=merge)
+                capture = await _follow(conn, capture.id, args.download)
             print_capture(capture, json_output)
             return 0 if capture.state != conn.failed else 1
         if args.command == "get":
@@ -414,6 +440,23 @@ async def _client_command(args: argparse.Namespace) -> int:
                 capture = await conn.wait(capture.id, progress=True)
             print_capture(capture, json_output)
     return 0
+
+
+async def _follow(conn: Connection, capture_id: str, path: Path | None) -> capture_pb2.Capture:
+    """Waits for the capture to settle, showing progress; with `path`, saves the pcap the moment the capture has
+    ended, while its summary is still being made on the node (the summary never holds the pcap back)."""
+    progress = Progress(enabled=True)
+    last: capture_pb2.Capture | None = None
+    async for capture in conn.watch(capture_id):
+        progress.update(capture)
+        if path is not None and capture.state in TERMINAL:
+            if capture.state == conn.completed:
+                await download(conn, capture, path, target=None, every=False, merge=len(capture.targets) > 1)
+            path = None
+        last = capture
+    if last is None:
+        raise ClientError(f"the controller sent nothing for capture {capture_id}")
+    return last
 
 
 def _run_server(args: argparse.Namespace) -> int:

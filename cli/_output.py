@@ -56,6 +56,12 @@ def capture_dict(c: capture_pb2.Capture) -> dict[str, Any]:
         "interface": one["interface"] if one else "",
         "filter": c.filter,
         "duration_seconds": c.duration.ToTimedelta().total_seconds(),
+        "limits": {
+            "max_packets": c.limits.max_packets,
+            "max_bytes": c.limits.max_bytes,
+            "snaplen": c.limits.snaplen,
+            "buffer_size": c.limits.buffer_size,
+        },
         "packets": sum(t["packets"] for t in targets),
         "drops": sum(t["drops"] for t in targets),
         "bytes": sum(t["bytes"] for t in targets),
@@ -94,6 +100,8 @@ def print_capture(capture: capture_pb2.Capture, as_json: bool) -> None:
         "ended",
     ):
         print(f"{key:>16}: {view[key]}")
+    limits = ", ".join(f"{name} {value}" for name, value in view["limits"].items() if value)
+    print(f"{'limits':>16}: {limits or 'node defaults'}")
     if view["error"]:
         print(f"{'error':>16}: {view['error']}")
     for t in view["targets"]:
@@ -125,6 +133,11 @@ def print_captures(captures: list[capture_pb2.Capture], as_json: bool) -> None:
 
 def _print_summary(summary: dict[str, Any]) -> None:
     """What is inside, in a few lines: the protocol mix, the busiest conversations and the trouble signs."""
+    if summary.get("state") == "SUMMARY_STATE_PENDING":
+        print(
+            "      inside: being summarised on the node (the pcap is ready; `podcap get` shows the summary)"
+        )
+        return
     span = f"{summary.get('firstPacketTime', '?')} .. {summary.get('lastPacketTime', '?')}"
     print(f"      inside: {summary.get('packets', 0)} packets, {summary.get('bytes', 0)} bytes, {span}")
     trouble = {k: summary.get(k, 0) for k in ("tcpResets", "tcpRetransmissions", "dnsErrors")}

@@ -65,6 +65,10 @@ def test_capture_of_one_pod_holds_exactly_its_filtered_traffic(stack: Stack, tmp
             "json",
             "--reason",
             "e2e",
+            "--buffer-size",
+            "8M",
+            "--max-bytes",
+            "10M",
         ],
         env={**os.environ, "PODCAP_SERVER": stack.server},
         stdout=subprocess.PIPE,
@@ -100,6 +104,7 @@ def test_capture_of_one_pod_holds_exactly_its_filtered_traffic(stack: Stack, tmp
     assert shown["sha256"] == sha256
     assert shown["bytes"] == len(data)
     assert shown["drops"] == 0
+    assert shown["limits"]["buffer_size"] == 8 << 20 and shown["limits"]["max_bytes"] == 10 << 20
 
     packets = _tshark(pcap, "ip.src", "ip.dst", "tcp.srcport", "tcp.dstport", "udp.port", "http.request.uri")
     assert len(packets) == shown["packets"] > 0
