@@ -71,6 +71,7 @@ class Progress:
 
 
 class Connection:
+    running = common_pb2.CAPTURE_STATE_RUNNING
     completed = common_pb2.CAPTURE_STATE_COMPLETED
     failed = common_pb2.CAPTURE_STATE_FAILED
 

@@ -15,13 +15,16 @@ import sys
 from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
-
-from podcap.api.serving import TlsFiles
-from podcap.api.v1 import capture_pb2
+from typing import TYPE_CHECKING
 
 from ._client import TERMINAL, ClientError, Connection, Progress
-from ._download import download
 from ._output import print_capture, print_captures
+
+# `podcap capture` is started by hand, mid-incident, and every module imported here delays it: what only some
+# commands need (the servers, merging pcaps, TLS files) is imported where it is used (bench/cli_start.py).
+if TYPE_CHECKING:
+    from podcap.api.serving import TlsFiles
+    from podcap.api.v1 import capture_pb2
 
 SERVER_ENV = "PODCAP_SERVER"
 TOKEN_ENV = "PODCAP_TOKEN"  # noqa: S105  # the variable's name, not a token
@@ -339,6 +342,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _tls_files(args: argparse.Namespace, cert: str, key: str, ca: str) -> TlsFiles | None:
     """The three TLS flags of a server command, all or none (`cert` etc. are their argparse dests)."""
+    from podcap.api.serving import TlsFiles
+
     given = {name: getattr(args, name) for name in (cert, key, ca)}
     if not any(given.values()):
         return None
@@ -428,6 +433,8 @@ async def _client_command(args: argparse.Namespace) -> int:
             )
             print_captures(captures, json_output)
         elif args.command == "download":
+            from ._download import download
+
             await download(conn, await conn.get(args.id), args.file, args.target, args.all, args.merge)
         elif args.command == "url":
             print(await conn.download_url(args.id, args.target))
@@ -445,6 +452,8 @@ async def _client_command(args: argparse.Namespace) -> int:
 async def _follow(conn: Connection, capture_id: str, path: Path | None) -> capture_pb2.Capture:
     """Waits for the capture to settle, showing progress; with `path`, saves the pcap the moment the capture has
     ended, while its summary is still being made on the node (the summary never holds the pcap back)."""
+    from ._download import download
+
     progress = Progress(enabled=True)
     last: capture_pb2.Capture | None = None
     async for capture in conn.watch(capture_id):
