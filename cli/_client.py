@@ -232,18 +232,11 @@ class Connection:
             raise _error(exc) from exc
         return response.url
 
-    async def download(self, capture_id: str, target: int, path: Path) -> int:
-        """Streams the pcap into `path` (written under a temporary name, renamed when complete)."""
-        partial = path.with_name(path.name + ".part")
-        size = 0
+    async def download(self, capture_id: str, target: int) -> AsyncIterator[bytes]:
+        """The pcap of one target, streamed by the controller, in the chunks it sends."""
+        request = capture_pb2.DownloadCaptureRequest(id=capture_id, target=target)
         try:
-            with partial.open("wb") as out:
-                request = capture_pb2.DownloadCaptureRequest(id=capture_id, target=target)
-                async for chunk in self._stub.DownloadCapture(request, metadata=self._metadata):
-                    out.write(chunk.data)
-                    size += len(chunk.data)
-            partial.replace(path)
+            async for chunk in self._stub.DownloadCapture(request, metadata=self._metadata):
+                yield chunk.data
         except grpc.aio.AioRpcError as exc:
-            partial.unlink(missing_ok=True)
             raise _error(exc) from exc
-        return size

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ._client import TERMINAL, ClientError, Connection, Progress
+from ._download import STDOUT
 from ._output import print_capture, print_captures
 
 # `podcap capture` is started by hand, mid-incident, and every module imported here delays it: what only some
@@ -146,8 +147,10 @@ def _parser() -> argparse.ArgumentParser:
         "--download",
         type=Path,
         metavar="PATH",
-        help="wait, then save the pcap to PATH (several pods: one pcapng merged by time, interfaces named ns/pod@node)",
+        help="wait, then save the pcap to PATH, - for standard output (several pods: one pcapng merged by time, "
+        "interfaces named ns/pod@node)",
     )
+    p.add_argument("--force", action="store_true", help="with --download: replace PATH if it exists")
 
     p = client("get", "show one capture")
     p.add_argument("id")
@@ -160,7 +163,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=50)
     p = client("download", "save a completed capture's pcap")
     p.add_argument("id")
-    p.add_argument("-f", "--file", type=Path, required=True, metavar="PATH")
+    p.add_argument(
+        "-f",
+        "--file",
+        type=Path,
+        required=True,
+        metavar="PATH",
+        help="where to save it; - for standard output",
+    )
+    p.add_argument("--force", action="store_true", help="replace PATH if it exists")
+    p.add_argument(
+        "--url",
+        action="store_true",
+        help="fetch from the store through a short-lived URL instead of through the controller (verified alike)",
+    )
     which = p.add_mutually_exclusive_group()
     which.add_argument(
         "--target", type=int, help="one pod of a multi-pod capture, by its index in `podcap get`"
@@ -406,6 +422,10 @@ async def _client_command(args: argparse.Namespace) -> int:
     async with Connection(args.server, token=args.token, tls=args.tls, ca=args.ca) as conn:
         if args.command == "capture":
             namespace, pod = _capture_target(args)
+            if args.download and args.download != STDOUT and args.download.exists() and not args.force:
+                raise ClientError(
+                    f"{args.download} exists: give --force to replace it, or another --download PATH"
+                )
             capture = await conn.create(
                 namespace=namespace,
                 pod=pod,
@@ -422,8 +442,9 @@ async def _client_command(args: argparse.Namespace) -> int:
                 host_network=args.host_network,
             )
             if args.wait or args.download:
-                capture = await _follow(conn, capture.id, args.download)
-            print_capture(capture, json_output)
+                capture = await _follow(conn, capture.id, args.download, force=args.force)
+            # With the pcap on standard output, what is said about it goes to stderr.
+            print_capture(capture, json_output, sys.stderr if args.download == STDOUT else sys.stdout)
             return 0 if capture.state != conn.failed else 1
         if args.command == "get":
             print_capture(await conn.get(args.id), json_output)
@@ -435,7 +456,17 @@ async def _client_command(args: argparse.Namespace) -> int:
         elif args.command == "download":
             from ._download import download
 
-            await download(conn, await conn.get(args.id), args.file, args.target, args.all, args.merge)
+            capture = await conn.get(args.id)
+            await download(
+                conn,
+                capture,
+                args.file,
+                args.target,
+                args.all,
+                args.merge,
+                via_url=args.url,
+                force=args.force,
+            )
         elif args.command == "url":
             print(await conn.download_url(args.id, args.target))
         elif args.command == "delete":
@@ -449,7 +480,9 @@ async def _client_command(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _follow(conn: Connection, capture_id: str, path: Path | None) -> capture_pb2.Capture:
+async def _follow(
+    conn: Connection, capture_id: str, path: Path | None, *, force: bool
+) -> capture_pb2.Capture:
     """Waits for the capture to settle, showing progress; with `path`, saves the pcap the moment the capture has
     ended, while its summary is still being made on the node (the summary never holds the pcap back)."""
     from ._download import download
@@ -460,7 +493,8 @@ async def _follow(conn: Connection, capture_id: str, path: Path | None) -> captu
         progress.update(capture)
         if path is not None and capture.state in TERMINAL:
             if capture.state == conn.completed:
-                await download(conn, capture, path, target=None, every=False, merge=len(capture.targets) > 1)
+                merge = len(capture.targets) > 1
+                await download(conn, capture, path, target=None, every=False, merge=merge, force=force)
             path = None
         last = capture
     if last is None:

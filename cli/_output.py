@@ -7,7 +7,9 @@ target under `targets`, so scripts work the same for multi-pod captures.
 from __future__ import annotations
 
 import json
-from typing import Any
+import sys
+from collections.abc import Iterator
+from typing import Any, TextIO
 
 from google.protobuf import json_format
 
@@ -81,11 +83,13 @@ def capture_dict(c: capture_pb2.Capture) -> dict[str, Any]:
     }
 
 
-def print_capture(capture: capture_pb2.Capture, as_json: bool) -> None:
+def print_capture(capture: capture_pb2.Capture, as_json: bool, out: TextIO = sys.stdout) -> None:
     view = capture_dict(capture)
-    if as_json:
-        print(json.dumps(view, indent=2))
-        return
+    text = json.dumps(view, indent=2) if as_json else "\n".join(_capture_lines(view))
+    print(text, file=out)
+
+
+def _capture_lines(view: dict[str, Any]) -> Iterator[str]:
     for key in (
         "id",
         "state",
@@ -99,25 +103,25 @@ def print_capture(capture: capture_pb2.Capture, as_json: bool) -> None:
         "started",
         "ended",
     ):
-        print(f"{key:>16}: {view[key]}")
+        yield f"{key:>16}: {view[key]}"
     limits = ", ".join(f"{name} {value}" for name, value in view["limits"].items() if value)
-    print(f"{'limits':>16}: {limits or 'node defaults'}")
+    yield f"{'limits':>16}: {limits or 'node defaults'}"
     if view["error"]:
-        print(f"{'error':>16}: {view['error']}")
+        yield f"{'error':>16}: {view['error']}"
     for t in view["targets"]:
-        print(
+        yield (
             f"  {t['namespace']}/{t['pod']} on {t['node'] or '?'} via {t['interface'] or '?'}: {t['state']}"
         )
-        print(f"      packets {t['packets']}, kernel drops {t['drops']}, {t['bytes']} bytes")
+        yield f"      packets {t['packets']}, kernel drops {t['drops']}, {t['bytes']} bytes"
         if t["sha256"]:
-            print(f"      sha256 {t['sha256']}  ({t['object_key']})")
+            yield f"      sha256 {t['sha256']}  ({t['object_key']})"
         if t["error"]:
-            print(f"      error: {t['error']}")
+            yield f"      error: {t['error']}"
         if t["summary"]:
-            _print_summary(t["summary"])
+            yield from _summary_lines(t["summary"])
     for h in view["history"]:
         where = h["pod"] or "capture"
-        print(f"  {h['time']}  {where}: {h['state']}" + (f" ({h['detail']})" if h["detail"] else ""))
+        yield (f"  {h['time']}  {where}: {h['state']}" + (f" ({h['detail']})" if h["detail"] else ""))
 
 
 def print_captures(captures: list[capture_pb2.Capture], as_json: bool) -> None:
@@ -131,26 +135,24 @@ def print_captures(captures: list[capture_pb2.Capture], as_json: bool) -> None:
         print(f"{v['id']:32}  {v['state']:9}  {pod[:40]:40}  {v['packets']:>8}  {v['created']}")
 
 
-def _print_summary(summary: dict[str, Any]) -> None:
+def _summary_lines(summary: dict[str, Any]) -> Iterator[str]:
     """What is inside, in a few lines: the protocol mix, the busiest conversations and the trouble signs."""
     if summary.get("state") == "SUMMARY_STATE_PENDING":
-        print(
-            "      inside: being summarised on the node (the pcap is ready; `podcap get` shows the summary)"
-        )
+        yield "      inside: being summarised on the node (the pcap is ready; `podcap get` shows the summary)"
         return
     span = f"{summary.get('firstPacketTime', '?')} .. {summary.get('lastPacketTime', '?')}"
-    print(f"      inside: {summary.get('packets', 0)} packets, {summary.get('bytes', 0)} bytes, {span}")
+    yield f"      inside: {summary.get('packets', 0)} packets, {summary.get('bytes', 0)} bytes, {span}"
     trouble = {k: summary.get(k, 0) for k in ("tcpResets", "tcpRetransmissions", "dnsErrors")}
-    print(
+    yield (
         "      tcp resets {tcpResets}, tcp retransmissions {tcpRetransmissions}, dns errors {dnsErrors}".format(
             **trouble
         )
     )
     for proto in summary.get("protocols", [])[:8]:
-        print(f"        {proto['protocol']}: {proto.get('frames', 0)} frames")
+        yield f"        {proto['protocol']}: {proto.get('frames', 0)} frames"
     for conv in summary.get("conversations", [])[:5]:
-        print(
+        yield (
             f"        {conv['protocol']} {conv['endpointA']} <-> {conv['endpointB']}: {conv.get('bytes', 0)} bytes"
         )
     if summary.get("error"):
-        print(f"      summary incomplete: {summary['error']}")
+        yield f"      summary incomplete: {summary['error']}"

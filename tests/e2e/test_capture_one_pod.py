@@ -249,6 +249,69 @@ def test_download_before_completion_is_refused(stack: Stack, tmp_path: Path) -> 
     _cli(stack, "stop", started["id"])
 
 
+def test_downloads_are_verified_and_never_leave_a_partial_file(stack: Stack, tmp_path: Path) -> None:
+    """Streamed or through the URL, a download must match the metadata's sha256; a name the user gave never
+    holds anything else, an existing file is replaced only on request, and `-f -` is standard output."""
+    done = json.loads(_cli(stack, "capture", "shop/client", "--duration", "1s", "--wait", "-o", "json"))
+    assert done["state"] == "COMPLETED" and done["sha256"]
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    streamed, fetched = downloads / "streamed.pcap", downloads / "fetched.pcap"
+    _cli(stack, "download", done["id"], "-f", str(streamed))
+    _cli(stack, "download", done["id"], "-f", str(fetched), "--url")
+    assert hashlib.sha256(streamed.read_bytes()).hexdigest() == done["sha256"]
+    assert fetched.read_bytes() == streamed.read_bytes()
+    to_stdout = subprocess.run(
+        [PODCAP, "download", done["id"], "-f", "-"],
+        env={**os.environ, "PODCAP_SERVER": stack.server},
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert to_stdout.returncode == 0 and to_stdout.stdout == streamed.read_bytes()
+    assert not (Path.cwd() / "-").exists()
+
+    again = _podcap(stack, "download", done["id"], "-f", str(streamed))
+    assert again.returncode != 0 and "exists" in again.stderr and "--force" in again.stderr
+    _cli(stack, "download", done["id"], "-f", str(streamed), "--force")
+
+    # The stored object altered behind podcap's back: every way of downloading it refuses, and saves nothing.
+    if stack.s3_bucket is not None:
+        s3 = boto3.client(
+            "s3", endpoint_url=stack.s3_env["AWS_ENDPOINT_URL_S3"], **aws_credentials(stack.s3_env)
+        )
+        key = f"captures/{done['object_key']}"
+        s3.put_object(Bucket=stack.s3_bucket, Key=key, Body=b"X" + streamed.read_bytes()[1:])
+    else:
+        stored = Path(stack.store_url.removeprefix("file://")) / done["object_key"]
+        stored.write_bytes(b"X" + stored.read_bytes()[1:])
+    for how in ([], ["--url"]):
+        target = downloads / f"altered{len(how)}.pcap"
+        refused = _podcap(stack, "download", done["id"], "-f", str(target), *how)
+        assert refused.returncode != 0, how
+        assert "does not match its metadata" in refused.stderr and done["sha256"] in refused.stderr
+        assert sorted(p.name for p in downloads.iterdir()) == ["fetched.pcap", "streamed.pcap"]
+    refused_stdout = subprocess.run(
+        [PODCAP, "download", done["id"], "-f", "-"],
+        env={**os.environ, "PODCAP_SERVER": stack.server},
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert refused_stdout.returncode != 0 and b"discard what was written" in refused_stdout.stderr
+
+
+def _podcap(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [PODCAP, *args],
+        env={**os.environ, "PODCAP_SERVER": stack.server},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
 def _cli(stack: Stack, *args: str) -> str:
     result = subprocess.run(
         [PODCAP, *args],
