@@ -103,3 +103,36 @@ class UnknownPodInterface(InvalidCaptureRequest):
         super().__init__(
             f"the pod holding {ip} has no interface {interface!r}; it has {', '.join(self.available)}"
         )
+
+
+class UnpairedPodInterface(InvalidCaptureRequest):
+    """The interface the request names exists in the pod but has no peer device on the node (loopback, a macvlan
+    or ipvlan device), so nothing on the node carries its traffic alone; the message says which of the pod's
+    interfaces can be captured instead."""
+
+    def __init__(self, interface: str, kind: str, ip: str, capturable: Sequence[str]) -> None:
+        self.interface = interface
+        self.capturable = tuple(capturable)
+        super().__init__(
+            f"interface {interface!r} ({kind}) of the pod holding {ip} has no peer device on the node, so it cannot "
+            f"be captured from there; {_capturable(self.capturable)}"
+        )
+
+
+class UncapturablePod(ResolveError):
+    """The pod's IP is on an interface with no peer device on the node (macvlan, ipvlan, SR-IOV CNIs): there is no
+    host-side device that carries only this pod's traffic. A fact of the pod's network, not of the request."""
+
+    def __init__(self, interface: str, kind: str, ip: str, capturable: Sequence[str]) -> None:
+        self.interface = interface
+        self.capturable = tuple(capturable)
+        super().__init__(
+            f"pod IP {ip} is on {interface} ({kind}), which has no peer device on the node (as with macvlan or "
+            f"ipvlan CNIs): no host-side device carries only this pod's traffic; {_capturable(self.capturable)}"
+        )
+
+
+def _capturable(names: Sequence[str]) -> str:
+    if not names:
+        return "none of the pod's interfaces has a peer on the node"
+    return f"the pod's interfaces with a peer on the node: {', '.join(names)} (choose one with --interface)"

@@ -45,7 +45,9 @@ from podcap.agent._errors import (
     MissingPrivilege,
     PodNotOnNode,
     ResolveError,
+    UncapturablePod,
     UnknownPodInterface,
+    UnpairedPodInterface,
 )
 from podcap.agent._netlink import IPAddress, Link, RouteSocket, links_in
 
@@ -141,9 +143,10 @@ class Resolver:
         the node-side peer of that interface of the pod.
 
         Raises InvalidCaptureRequest for a malformed request, UnknownPodInterface when the pod has no
-        ``pod_interface``, HostNetworkPod when an IP is the node's own, PodNotOnNode when no namespace linked to
-        this node holds one, ResolveError when the interface is not paired with a node device (ipvlan/macvlan
-        pods) or when reading kernel state fails. MissingPrivilege when the agent may not enter namespaces
+        ``pod_interface`` and UnpairedPodInterface when it has no peer on the node (``lo``), HostNetworkPod when
+        an IP is the node's own, PodNotOnNode when no namespace linked to this node holds one, UncapturablePod
+        when the pod IP's interface has no peer on the node (ipvlan/macvlan pods), ResolveError when reading
+        kernel state fails. MissingPrivilege when the agent may not enter namespaces
         (setns without CAP_SYS_ADMIN), or when it lacks CAP_SYS_PTRACE and no namespace it could open holds the
         IPs while some could not be opened (``/proc/<pid>/ns/net`` of other containers' processes): the pod may
         well be in one of those. (With CAP_SYS_PTRACE a refusal comes from elsewhere, an LSM say, and is skipped
@@ -331,13 +334,12 @@ def _match(
         if named is None:
             raise UnknownPodInterface(pod_interface, hit, [link.name for link in pod.links])
         target = named
-    host = node_link(target.link_index) if target.link_index is not None else None
-    if host is None or host.link_netnsid != pod.nsid or host.link_index != target.ifindex:
-        where = f"pod IP {hit} is on" if target is holder else f"the pod holding {hit} has"
-        raise ResolveError(
-            f"{where} {target.name} ({target.kind}) in {pod.path}, which is not paired with a "
-            "device of this node's netns: no host-side device carries only this pod's traffic"
-        )
+    host = _peer(pod, target, node_link)
+    if host is None:
+        capturable = [link.name for link in pod.links if _peer(pod, link, node_link) is not None]
+        if target is holder:
+            raise UncapturablePod(target.name, target.kind, hit, capturable)
+        raise UnpairedPodInterface(target.name, target.kind, hit, capturable)
     return Resolution(
         interface=host.name,
         ifindex=host.ifindex,
@@ -347,6 +349,14 @@ def _match(
         pod_mac=target.mac,
         pod_ip=hit,
     )
+
+
+def _peer(pod: _PodNetns, link: Link, node_link: _NodeLink) -> Link | None:
+    """The node's device paired with the pod's `link` (a veth's other end), or None."""
+    host = node_link(link.link_index) if link.link_index is not None else None
+    if host is None or host.link_netnsid != pod.nsid or host.link_index != link.ifindex:
+        return None
+    return host
 
 
 def _remember(pods: list[_PodNetns]) -> dict[IPAddress, str]:

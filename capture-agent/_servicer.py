@@ -21,6 +21,7 @@ from ._errors import (
     MissingPrivilege,
     NodeLimitReached,
     PodNotOnNode,
+    UncapturablePod,
     UnknownCapture,
 )
 from ._model import CaptureSnapshot, CaptureSpec, JobState
@@ -35,6 +36,7 @@ ERRORS: ErrorTable = {
     UnknownCapture: grpc.StatusCode.NOT_FOUND,
     PodNotOnNode: grpc.StatusCode.NOT_FOUND,
     HostNetworkPod: grpc.StatusCode.FAILED_PRECONDITION,
+    UncapturablePod: grpc.StatusCode.FAILED_PRECONDITION,
     MissingPrivilege: grpc.StatusCode.FAILED_PRECONDITION,
     NodeLimitReached: grpc.StatusCode.RESOURCE_EXHAUSTED,
     CaptureError: grpc.StatusCode.INTERNAL,

@@ -19,7 +19,7 @@ from google.protobuf.duration_pb2 import Duration
 from podcap.api.serving import TlsFiles, channel_credentials, open_channel
 from podcap.api.v1 import agent_pb2, agent_pb2_grpc, common_pb2
 
-from ._errors import ControllerError, InvalidRequest, NotFound, Unavailable, WrongState
+from ._errors import ControllerError, InvalidRequest, LimitExceeded, NotFound, Unavailable, WrongState
 
 AgentCapture = agent_pb2.AgentCapture
 
@@ -32,10 +32,29 @@ class CaptureUnknownToAgent(NotFound):
     """The agent has no record of the capture (it restarted and lost it)."""
 
 
+class AgentRefused(ControllerError):
+    """The agent answered StartCapture with a refusal, so nothing was started on the node: bad input, a pod the
+    node cannot capture, a node at its limit. The message is the agent's own words; `for_caller()` is the error
+    the caller gets, with the status code that says whether to correct the request or retry it."""
+
+    def __init__(self, words: str, kind: type[ControllerError], node: str = "") -> None:
+        super().__init__(words)
+        self.kind = kind
+        self.node = node
+
+    def on(self, node: str) -> AgentRefused:
+        return AgentRefused(str(self), self.kind, node)
+
+    def for_caller(self) -> ControllerError:
+        retry = "; retry when one of its captures has ended" if self.kind is LimitExceeded else ""
+        return self.kind(f"node {self.node or '?'}: {self}{retry}")
+
+
 _CODES: dict[grpc.StatusCode, type[ControllerError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidRequest,
     grpc.StatusCode.NOT_FOUND: NotFound,
     grpc.StatusCode.FAILED_PRECONDITION: WrongState,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: LimitExceeded,
     grpc.StatusCode.UNAVAILABLE: Unavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: Unavailable,
 }
@@ -47,6 +66,24 @@ def _error(address: str, error: grpc.aio.AioRpcError) -> ControllerError:
     if cls is Unavailable:
         return Unavailable(f"capture agent at {address} unreachable: {error.details() or code.name}")
     return cls(f"capture agent at {address}: {error.details() or code.name}")
+
+
+# What StartCapture answers when the agent refused before starting anything: the request or the node's state, to be
+# corrected or retried by the caller, never a failed capture.
+_REFUSALS = frozenset(
+    (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    )
+)
+
+
+def _start_error(address: str, error: grpc.aio.AioRpcError) -> ControllerError:
+    if error.code() not in _REFUSALS:
+        return _error(address, error)
+    return AgentRefused(error.details() or error.code().name, _CODES[error.code()])
 
 
 class AgentClients:
@@ -92,7 +129,7 @@ class AgentClients:
         try:
             return await self._stub(address).StartCapture(request, timeout=self._call_timeout)
         except grpc.aio.AioRpcError as exc:
-            raise _error(address, exc) from exc
+            raise _start_error(address, exc) from exc
 
     async def stop(self, address: str, capture_id: str) -> AgentCapture:
         try:

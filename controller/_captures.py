@@ -42,7 +42,7 @@ from podcap.storage import (
 
 from . import _quotas
 from ._access import AccessControl, Action, Audited, Caller, denial
-from ._agents import AgentCapture, AgentClients, CaptureUnknownToAgent
+from ._agents import AgentCapture, AgentClients, AgentRefused, CaptureUnknownToAgent
 from ._errors import (
     CaptureNotFound,
     ControllerError,
@@ -215,8 +215,22 @@ class Captures:
         )
         errors = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
         if len(errors) == len(outcomes):
-            raise errors[0]
+            if all(isinstance(error, AgentRefused) for error in errors):
+                await self._forget_refused(row, caller, request, errors)
+            first = errors[0]
+            raise (first.for_caller() if isinstance(first, AgentRefused) else first) from None
         return await self._get(row.id)
+
+    async def _forget_refused(
+        self, row: CaptureRow, caller: Caller, request: CaptureRequest, errors: list[BaseException]
+    ) -> None:
+        """Every agent refused before starting anything: the request is answered with the refusal (to correct or to
+        retry), and the capture, which never ran, is removed rather than left FAILED in the list. The audit trail
+        keeps the `allowed` entry and adds a `refused` one saying why."""
+        await self._session(lambda session: CaptureRepository(session).delete(row.id))
+        self._changes.notify(row.id)
+        why = "; ".join(str(e.for_caller()) if isinstance(e, AgentRefused) else str(e) for e in errors)
+        await self._audit_create(caller, request, "refused", row.id, why)
 
     async def _audit_create(
         self, caller: Caller, request: CaptureRequest, result: str, capture_id: str = "", note: str = ""
@@ -267,6 +281,9 @@ class Captures:
         """Asks the pod's agent to start; the target's row was written PENDING before."""
         try:
             report = await self._start_on_agent(row, target)
+        except AgentRefused as exc:
+            await self._record_failure(row.id, target.index, str(exc.on(target.node).for_caller()))
+            raise exc.on(target.node) from exc
         except ControllerError as exc:
             await self._record_failure(row.id, target.index, str(exc))
             raise
@@ -658,6 +675,11 @@ def _check_capturable(pod: Pod, request: CaptureRequest) -> None:
             f"pod {name} uses hostNetwork: it has no veth of its own to capture on. Ask again with host_network "
             "(CLI: --host-network) to capture on the node interface holding its IP, filtered to that address; "
             "that sees the node's traffic to and from that address, not only this pod's"
+        )
+    if request.host_network and request.pod and not pod.host_network:
+        raise WrongState(
+            f"pod {name} is not a hostNetwork pod: it has a network namespace and a veth of its own, which podcap "
+            "captures without host_network (CLI: drop --host-network)"
         )
     if not pod.ips:
         raise WrongState(f"pod {name} has no IP address yet")

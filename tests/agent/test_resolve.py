@@ -128,8 +128,9 @@ def test_a_namespace_linked_to_two_nodes_never_borrows_the_other_nodes_device(la
     peer_index = _links(lab, client.netns)["eth0"]["link_index"]
     assert _links(lab, node2.netns)[lab.pods["server"].host_if]["ifindex"] == peer_index
     (result,) = _agent(lab, node2, [client.ip])["results"]
-    assert result["error"] == "ResolveError"
-    assert "not paired with a device of this node's netns" in result["message"]
+    assert result["error"] == "UncapturablePod"
+    assert "eth0 (veth), which has no peer device on the node" in result["message"]
+    assert "with a peer on the node: net9 (choose one with --interface)" in result["message"]
     (net9,) = _agent(lab, node2, [client.ip], pod_interface="net9")["results"]
     assert net9["ok"]["interface"] == "trap"
 
@@ -160,8 +161,8 @@ def test_a_node_device_paired_with_another_interface_of_the_pod_is_not_its_eth0s
         ],
     )
     (result,) = _agent(lab, node2, [cart.ip])["results"]
-    assert result["error"] == "ResolveError"
-    assert f"pod IP {cart.ip} is on eth0 (veth)" in result["message"]
+    assert result["error"] == "UncapturablePod"
+    assert f"pod IP {cart.ip} is on eth0 (veth), which has no peer device on the node" in result["message"]
 
 
 @pytest.mark.netns

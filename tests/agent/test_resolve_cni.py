@@ -19,8 +19,8 @@ from podcap.agent._errors import (
     HostNetworkPod,
     InvalidCaptureRequest,
     PodNotOnNode,
-    ResolveError,
     UnknownPodInterface,
+    UnpairedPodInterface,
 )
 from podcap.agent._resolve import DEFAULT_NETNS_DIRS, Resolution, Resolver
 from tests.support.lab import CNI_LAB_PODS, Lab, LabPod
@@ -137,10 +137,16 @@ def test_an_interface_the_pod_lacks_is_an_invalid_request_naming_those_it_has(cn
     assert refused.value.available == ("lo", "eth0", "net1")
 
 
-def test_an_interface_without_a_node_side_peer_is_refused(cni_lab: Lab) -> None:
+def test_an_interface_without_a_node_side_peer_is_an_invalid_request_naming_those_with_one(
+    cni_lab: Lab,
+) -> None:
     pod = cni_lab.pods["multus-1"]
-    with pytest.raises(ResolveError, match=r"lo \(loopback\) .* not paired with a device of this node"):
+    with pytest.raises(UnpairedPodInterface) as refused:
         _resolve(cni_lab, pod.name, [pod.ip], pod_interface="lo")
+    assert isinstance(refused.value, InvalidCaptureRequest)
+    assert str(refused.value).startswith(f"interface 'lo' (loopback) of the pod holding {pod.ip} has no peer")
+    assert refused.value.capturable == ("eth0", "net1")
+    assert "/proc/" not in str(refused.value) and "/run/netns" not in str(refused.value)
 
 
 @pytest.mark.parametrize("name", ["../x", "net 1", "eth0:1", "a-name-too-long-x"])
