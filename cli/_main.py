@@ -399,6 +399,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # alembic announces each of its plugins at INFO when it is imported: noise in every command's output.
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
     try:
         if args.command in ("controller", "agent"):
             return _run_server(args)

@@ -41,8 +41,10 @@ def token_hash(token: str) -> str:
 
 
 def new_token() -> tuple[str, str]:
-    """A random token (256 bits, URL-safe) and its sha256, the line to put in the token file."""
-    token = secrets.token_urlsafe(32)
+    """A random token (256 bits, URL-safe) and its sha256, the line to put in the token file. The prefix names
+    it (for secret scanners and people) and keeps it from starting with `-`, which a command line reads as an
+    option (`--token -x...`)."""
+    token = "podcap_" + secrets.token_urlsafe(32)
     return token, token_hash(token)
 
 
