@@ -1,7 +1,8 @@
 """The layer rules of DESIGN.md, checked on the source: a violation fails the build, not a code review.
 
 - storage imports neither controller nor agent (nor the CLI);
-- controller and agent never import each other; they share only podcap.api;
+- controller and agent never import each other; they share podcap.api, and podcap.storage, of which the agent
+  uses only the object store it uploads to (SQL is the controller's);
 - grpc only in servicer/client/server modules; boto3 only in the S3 store; kubernetes only in the Kubernetes
   inventory; subprocess calls to tcpdump in one module.
 """
@@ -80,3 +81,21 @@ def test_module_respects_layers(package: str, path: Path) -> None:
         uses = sorted(n for n in imported if n == module or n.startswith(module + "."))
         if uses:
             assert relative in allowed, f"{relative} imports {uses}; only {sorted(allowed)} may"
+
+
+# What the agent may take from podcap.storage: the object store it uploads to, never the SQL side.
+AGENT_STORAGE_NAMES = {"ObjectStore", "StoredObject", "StorageError", "Upload", "open_store"}
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "capture-agent").rglob("*.py")), ids=lambda p: p.name)
+def test_the_agent_uses_only_the_object_store_of_storage(path: Path) -> None:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    taken = {
+        alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("podcap.storage")
+        for alias in node.names
+    }
+    assert taken <= AGENT_STORAGE_NAMES, (
+        f"{path.name} takes {sorted(taken - AGENT_STORAGE_NAMES)} from podcap.storage"
+    )
