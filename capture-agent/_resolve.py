@@ -82,6 +82,7 @@ class Resolution:
     pod_ifindex: int
     pod_mac: str
     pod_ip: str
+    host_mac: str = ""  # absent from spool records written before it was recorded
 
 
 @dataclass(frozen=True)
@@ -348,6 +349,7 @@ def _match(
         pod_ifindex=target.ifindex,
         pod_mac=target.mac,
         pod_ip=hit,
+        host_mac=host.mac,
     )
 
 

@@ -120,7 +120,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     @maps_errors(ERRORS)
     async def ResolvePod(
         self, request: agent_pb2.ResolvePodRequest, context: Context
-    ) -> agent_pb2.Resolution:
+    ) -> common_pb2.Resolution:
         check_pod(request.pod.ips, request.pod_interface)
         return _resolution(
             await asyncio.to_thread(self._captures.resolve, tuple(request.pod.ips), request.pod_interface)
@@ -135,8 +135,8 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         )
 
 
-def _resolution(r: Resolution) -> agent_pb2.Resolution:
-    return agent_pb2.Resolution(
+def _resolution(r: Resolution) -> common_pb2.Resolution:
+    return common_pb2.Resolution(
         interface=r.interface,
         ifindex=r.ifindex,
         strategy=r.strategy,
@@ -145,6 +145,7 @@ def _resolution(r: Resolution) -> agent_pb2.Resolution:
         pod_ifindex=r.pod_ifindex,
         pod_mac=r.pod_mac,
         pod_ip=r.pod_ip,
+        host_mac=r.host_mac,
     )
 
 

@@ -42,6 +42,11 @@ def _target(t: capture_pb2.CaptureTarget) -> dict[str, Any]:
         "started": _time(t, "start_time"),
         "ended": _time(t, "end_time"),
         "summary": json_format.MessageToDict(t.summary) if t.HasField("summary") else None,
+        "resolution": (
+            json_format.MessageToDict(t.resolution, preserving_proto_field_name=True)
+            if t.HasField("resolution")
+            else None
+        ),
     }
 
 
@@ -112,6 +117,8 @@ def _capture_lines(view: dict[str, Any]) -> Iterator[str]:
         yield (
             f"  {t['namespace']}/{t['pod']} on {t['node'] or '?'} via {t['interface'] or '?'}: {t['state']}"
         )
+        if t["resolution"]:
+            yield _resolution_line(t["resolution"])
         yield f"      packets {t['packets']}, kernel drops {t['drops']}, {t['bytes']} bytes"
         if t["sha256"]:
             yield f"      sha256 {t['sha256']}  ({t['object_key']})"
@@ -133,6 +140,16 @@ def print_captures(captures: list[capture_pb2.Capture], as_json: bool) -> None:
     for v in views:
         pod = f"{v['namespace']}/{v['pod'] or v['label_selector']}"
         print(f"{v['id']:32}  {v['state']:9}  {pod[:40]:40}  {v['packets']:>8}  {v['created']}")
+
+
+def _resolution_line(r: dict[str, Any]) -> str:
+    """Why that device: the pod's interface, where its netns was found, and its peer on the node."""
+    pod_side = (
+        f"pod {r.get('pod_interface', '?')} (ifindex {r.get('pod_ifindex', '?')}, {r.get('pod_mac', '?')})"
+    )
+    host_side = f"node {r.get('interface', '?')} (ifindex {r.get('ifindex', '?')}, {r.get('host_mac', '?')})"
+    where = f" in {r['netns']}" if r.get("netns") else ""
+    return f"      found by {r.get('strategy', '?')}: {r.get('pod_ip', '?')} on {pod_side}{where} <-> {host_side}"
 
 
 def _summary_lines(summary: dict[str, Any]) -> Iterator[str]:

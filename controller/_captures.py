@@ -588,7 +588,9 @@ class Captures:
             if state != target.state:
                 _event(row, target, state, now, report.error if state in TERMINAL_STATES else "")
             target.state = state
-            target.interface = report.resolution.interface or target.interface
+            if report.resolution.interface:
+                target.interface = report.resolution.interface
+                target.resolution = json_format.MessageToJson(report.resolution, indent=None)
             target.packets = report.stats.packets
             target.packets_received = report.stats.packets_received
             target.kernel_drops = report.stats.kernel_drops

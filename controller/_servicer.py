@@ -210,6 +210,7 @@ def _target_message(target: TargetRow) -> capture_pb2.CaptureTarget:
         start_time=timestamp(target.started_at),
         end_time=timestamp(target.ended_at),
         summary=json_format.Parse(target.summary, common_pb2.CaptureSummary()) if target.summary else None,
+        resolution=json_format.Parse(target.resolution, common_pb2.Resolution()) if target.resolution else None,
     )
 
 

@@ -209,6 +209,8 @@ class TargetRow(Base):
     sha256: Mapped[str] = _text(String(64))
     error: Mapped[str] = _text()
     pod_context: Mapped[str] = _text()  # JSON of the pod's phase and containers, written by the controller
+    # JSON (protobuf JSON of Resolution) of how the agent tied the pod to `interface`: strategy, netns, devices.
+    resolution: Mapped[str] = _text()
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     # The controller replica following this target until the lease expires (several replicas share one DB).

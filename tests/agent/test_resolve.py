@@ -21,7 +21,7 @@ import pytest
 from podcap.agent._errors import AgentError, InvalidCaptureRequest, PodNotOnNode
 from podcap.agent._netlink import RouteSocket
 from podcap.agent._resolve import Resolution, Resolver
-from podcap.api.v1 import agent_pb2
+from podcap.api.v1 import common_pb2
 from tests.support.lab import Lab, LabPod, Node
 from tests.support.netns import in_netns
 
@@ -84,6 +84,7 @@ def test_each_pod_resolves_to_its_own_cali_device_on_its_own_node(lab: Lab) -> N
             "pod_ifindex": pod_side["ifindex"],
             "pod_mac": pod.pod_mac,
             "pod_ip": pod.ip,
+            "host_mac": host_side["address"],  # Calico's ee:ee:ee:ee:ee:ee
         }
         assert pod_side["link_index"] == host_side["ifindex"]
 
@@ -251,7 +252,7 @@ def test_bad_ips_are_an_invalid_request_before_anything_runs(ips: Any, message: 
 
 def test_resolution_mirrors_the_proto_message() -> None:
     fields = [f.name for f in dataclasses.fields(Resolution)]
-    assert fields == [f.name for f in agent_pb2.Resolution.DESCRIPTOR.fields]
+    assert fields == [f.name for f in common_pb2.Resolution.DESCRIPTOR.fields]
 
 
 def _in(node: Node, fn: Any) -> Any:

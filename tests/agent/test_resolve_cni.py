@@ -73,6 +73,7 @@ def test_every_wiring_resolves_to_the_pods_own_device(cni_lab: Lab, name: str, f
         pod_ifindex=pod_side["ifindex"],
         pod_mac=pod.pod_mac,
         pod_ip=ip,
+        host_mac=host_side["address"],  # as `ip link` shows the node's device
     )
     assert (pod_side["link_index"], host_side["link_index"]) == (host_side["ifindex"], pod_side["ifindex"])
 
@@ -121,6 +122,7 @@ def test_a_multus_pod_resolves_to_eth0_by_default_and_to_net1_when_asked(cni_lab
         pod_ifindex=pod_links["net1"]["ifindex"],
         pod_mac=net1.mac,
         pod_ip=pod.ip,
+        host_mac=node_links[net1.host_if]["address"],
     )
     # An address of net1 leads to net1's device without naming it: the interface holding the IP.
     for cidr in net1.addresses:

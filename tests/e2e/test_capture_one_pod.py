@@ -105,6 +105,12 @@ def test_capture_of_one_pod_holds_exactly_its_filtered_traffic(stack: Stack, tmp
     assert shown["bytes"] == len(data)
     assert shown["drops"] == 0
     assert shown["limits"]["buffer_size"] == 8 << 20 and shown["limits"]["max_bytes"] == 10 << 20
+    # Why that device: the agent's explanation, kept with the target.
+    resolution = shown["targets"][0]["resolution"]
+    assert resolution["interface"] == server.host_if and resolution["pod_interface"] == "eth0"
+    assert resolution["pod_ip"] == server.ip and resolution["pod_mac"] == server.pod_mac
+    assert resolution["strategy"].startswith("netns-scan") and resolution["netns"]
+    assert resolution["host_mac"] and resolution["ifindex"] > 0 and resolution["pod_ifindex"] > 0
 
     packets = _tshark(pcap, "ip.src", "ip.dst", "tcp.srcport", "tcp.dstport", "udp.port", "http.request.uri")
     assert len(packets) == shown["packets"] > 0
@@ -143,6 +149,9 @@ def test_capture_of_one_pod_holds_exactly_its_filtered_traffic(stack: Stack, tmp
     assert stored == data
 
     # What the engineer sees afterwards: the capture in the list, in detail, and behind a short-lived URL.
+    shown_text = _cli(stack, "get", shown["id"])
+    assert f"found by {resolution['strategy']}: {server.ip} on pod eth0" in shown_text
+    assert f"<-> node {server.host_if} (ifindex {resolution['ifindex']}" in shown_text
     listed = json.loads(_cli(stack, "list", "-n", "shop", "-o", "json"))
     assert [c["id"] for c in listed] == [shown["id"]]
     detail = json.loads(_cli(stack, "get", shown["id"], "-o", "json"))

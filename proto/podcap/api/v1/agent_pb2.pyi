@@ -135,7 +135,7 @@ class AgentCapture(_message.Message):
     sha256: _builtins.str
     error: _builtins.str
     @_builtins.property
-    def resolution(self) -> Global___Resolution: ...
+    def resolution(self) -> _common_pb2.Resolution: ...
     @_builtins.property
     def stats(self) -> _common_pb2.CaptureStats: ...
     @_builtins.property
@@ -151,7 +151,7 @@ class AgentCapture(_message.Message):
         *,
         capture_id: _builtins.str = ...,
         state: _common_pb2.CaptureState.ValueType = ...,
-        resolution: Global___Resolution | None = ...,
+        resolution: _common_pb2.Resolution | None = ...,
         stats: _common_pb2.CaptureStats | None = ...,
         object_key: _builtins.str = ...,
         sha256: _builtins.str = ...,
@@ -225,52 +225,6 @@ class ResolvePodRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ResolvePodRequest: _TypeAlias = ResolvePodRequest  # noqa: Y015
-
-@_typing.final
-class Resolution(_message.Message):
-    """How a pod was mapped to a device on this node, so a person can see why that device was chosen."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    INTERFACE_FIELD_NUMBER: _builtins.int
-    IFINDEX_FIELD_NUMBER: _builtins.int
-    STRATEGY_FIELD_NUMBER: _builtins.int
-    NETNS_FIELD_NUMBER: _builtins.int
-    POD_INTERFACE_FIELD_NUMBER: _builtins.int
-    POD_IFINDEX_FIELD_NUMBER: _builtins.int
-    POD_MAC_FIELD_NUMBER: _builtins.int
-    POD_IP_FIELD_NUMBER: _builtins.int
-    interface: _builtins.str
-    """Host-side device name (cali0123456789a, veth..., lxc...)."""
-    ifindex: _builtins.int
-    strategy: _builtins.str
-    """How it was found, e.g. "netns-scan"."""
-    netns: _builtins.str
-    """The pod's network namespace as found on the node (a /run/netns or /proc path)."""
-    pod_interface: _builtins.str
-    """The pod-side interface (eth0) and its index in the pod netns."""
-    pod_ifindex: _builtins.int
-    pod_mac: _builtins.str
-    pod_ip: _builtins.str
-    def __init__(
-        self,
-        *,
-        interface: _builtins.str = ...,
-        ifindex: _builtins.int = ...,
-        strategy: _builtins.str = ...,
-        netns: _builtins.str = ...,
-        pod_interface: _builtins.str = ...,
-        pod_ifindex: _builtins.int = ...,
-        pod_mac: _builtins.str = ...,
-        pod_ip: _builtins.str = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ifindex", b"ifindex", "interface", b"interface", "netns", b"netns", "pod_ifindex", b"pod_ifindex", "pod_interface", b"pod_interface", "pod_ip", b"pod_ip", "pod_mac", b"pod_mac", "strategy", b"strategy"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___Resolution: _TypeAlias = Resolution  # noqa: Y015
 
 @_typing.final
 class ListInterfacesRequest(_message.Message):

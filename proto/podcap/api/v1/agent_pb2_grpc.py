@@ -4,6 +4,7 @@ import grpc
 import warnings
 
 from podcap.api.v1 import agent_pb2 as podcap_dot_api_dot_v1_dot_agent__pb2
+from podcap.api.v1 import common_pb2 as podcap_dot_api_dot_v1_dot_common__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -62,7 +63,7 @@ class AgentServiceStub:
         self.ResolvePod = channel.unary_unary(
                 '/podcap.api.v1.AgentService/ResolvePod',
                 request_serializer=podcap_dot_api_dot_v1_dot_agent__pb2.ResolvePodRequest.SerializeToString,
-                response_deserializer=podcap_dot_api_dot_v1_dot_agent__pb2.Resolution.FromString,
+                response_deserializer=podcap_dot_api_dot_v1_dot_common__pb2.Resolution.FromString,
                 _registered_method=True)
         self.ListInterfaces = channel.unary_unary(
                 '/podcap.api.v1.AgentService/ListInterfaces',
@@ -151,7 +152,7 @@ def add_AgentServiceServicer_to_server(servicer, server):
             'ResolvePod': grpc.unary_unary_rpc_method_handler(
                     servicer.ResolvePod,
                     request_deserializer=podcap_dot_api_dot_v1_dot_agent__pb2.ResolvePodRequest.FromString,
-                    response_serializer=podcap_dot_api_dot_v1_dot_agent__pb2.Resolution.SerializeToString,
+                    response_serializer=podcap_dot_api_dot_v1_dot_common__pb2.Resolution.SerializeToString,
             ),
             'ListInterfaces': grpc.unary_unary_rpc_method_handler(
                     servicer.ListInterfaces,
@@ -320,7 +321,7 @@ class AgentService:
             target,
             '/podcap.api.v1.AgentService/ResolvePod',
             podcap_dot_api_dot_v1_dot_agent__pb2.ResolvePodRequest.SerializeToString,
-            podcap_dot_api_dot_v1_dot_agent__pb2.Resolution.FromString,
+            podcap_dot_api_dot_v1_dot_common__pb2.Resolution.FromString,
             options,
             channel_credentials,
             insecure,

@@ -6,6 +6,7 @@ The node agent's API. Reached only by the controller."""
 from collections import abc as _abc
 from grpc import aio as _aio
 from podcap.api.v1 import agent_pb2 as _agent_pb2
+from podcap.api.v1 import common_pb2 as _common_pb2
 import abc as _abc_1
 import grpc as _grpc
 import sys
@@ -39,7 +40,7 @@ class AgentServiceStub:
     WatchCapture: _grpc.UnaryStreamMultiCallable[_agent_pb2.AgentCaptureRef, _agent_pb2.AgentCapture]
     """A snapshot now and after every change, ending after the terminal one."""
     ListCaptures: _grpc.UnaryUnaryMultiCallable[_agent_pb2.ListAgentCapturesRequest, _agent_pb2.ListAgentCapturesResponse]
-    ResolvePod: _grpc.UnaryUnaryMultiCallable[_agent_pb2.ResolvePodRequest, _agent_pb2.Resolution]
+    ResolvePod: _grpc.UnaryUnaryMultiCallable[_agent_pb2.ResolvePodRequest, _common_pb2.Resolution]
     """Which host-side device carries this pod's traffic, and how that was found."""
     ListInterfaces: _grpc.UnaryUnaryMultiCallable[_agent_pb2.ListInterfacesRequest, _agent_pb2.ListInterfacesResponse]
 
@@ -54,7 +55,7 @@ class AgentServiceAsyncStub(AgentServiceStub):
     WatchCapture: _aio.UnaryStreamMultiCallable[_agent_pb2.AgentCaptureRef, _agent_pb2.AgentCapture]  # type: ignore[assignment]
     """A snapshot now and after every change, ending after the terminal one."""
     ListCaptures: _aio.UnaryUnaryMultiCallable[_agent_pb2.ListAgentCapturesRequest, _agent_pb2.ListAgentCapturesResponse]  # type: ignore[assignment]
-    ResolvePod: _aio.UnaryUnaryMultiCallable[_agent_pb2.ResolvePodRequest, _agent_pb2.Resolution]  # type: ignore[assignment]
+    ResolvePod: _aio.UnaryUnaryMultiCallable[_agent_pb2.ResolvePodRequest, _common_pb2.Resolution]  # type: ignore[assignment]
     """Which host-side device carries this pod's traffic, and how that was found."""
     ListInterfaces: _aio.UnaryUnaryMultiCallable[_agent_pb2.ListInterfacesRequest, _agent_pb2.ListInterfacesResponse]  # type: ignore[assignment]
 
@@ -102,7 +103,7 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _agent_pb2.ResolvePodRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_agent_pb2.Resolution, _abc.Awaitable[_agent_pb2.Resolution]]:
+    ) -> _typing.Union[_common_pb2.Resolution, _abc.Awaitable[_common_pb2.Resolution]]:
         """Which host-side device carries this pod's traffic, and how that was found."""
 
     @_abc_1.abstractmethod

@@ -466,6 +466,7 @@ class CaptureTarget(_message.Message):
     START_TIME_FIELD_NUMBER: _builtins.int
     END_TIME_FIELD_NUMBER: _builtins.int
     SUMMARY_FIELD_NUMBER: _builtins.int
+    RESOLUTION_FIELD_NUMBER: _builtins.int
     namespace: _builtins.str
     pod: _builtins.str
     node: _builtins.str
@@ -487,6 +488,10 @@ class CaptureTarget(_message.Message):
     def summary(self) -> _common_pb2.CaptureSummary:
         """What is inside the pcap, once it is stored."""
 
+    @_builtins.property
+    def resolution(self) -> _common_pb2.Resolution:
+        """How the agent tied the pod to `interface`: why podcap captured on that device."""
+
     def __init__(
         self,
         *,
@@ -503,10 +508,11 @@ class CaptureTarget(_message.Message):
         start_time: _timestamp_pb2.Timestamp | None = ...,
         end_time: _timestamp_pb2.Timestamp | None = ...,
         summary: _common_pb2.CaptureSummary | None = ...,
+        resolution: _common_pb2.Resolution | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time", "stats", b"stats", "summary", b"summary"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "resolution", b"resolution", "start_time", b"start_time", "stats", b"stats", "summary", b"summary"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "error", b"error", "interface", b"interface", "namespace", b"namespace", "node", b"node", "object_key", b"object_key", "pod", b"pod", "pod_ip", b"pod_ip", "sha256", b"sha256", "start_time", b"start_time", "state", b"state", "stats", b"stats", "summary", b"summary"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "error", b"error", "interface", b"interface", "namespace", b"namespace", "node", b"node", "object_key", b"object_key", "pod", b"pod", "pod_ip", b"pod_ip", "resolution", b"resolution", "sha256", b"sha256", "start_time", b"start_time", "state", b"state", "stats", b"stats", "summary", b"summary"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

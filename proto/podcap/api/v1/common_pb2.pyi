@@ -259,3 +259,53 @@ class Conversation(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Conversation: _TypeAlias = Conversation  # noqa: Y015
+
+@_typing.final
+class Resolution(_message.Message):
+    """How a pod was mapped to a device on this node, so a person can see why that device was chosen."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INTERFACE_FIELD_NUMBER: _builtins.int
+    IFINDEX_FIELD_NUMBER: _builtins.int
+    STRATEGY_FIELD_NUMBER: _builtins.int
+    NETNS_FIELD_NUMBER: _builtins.int
+    POD_INTERFACE_FIELD_NUMBER: _builtins.int
+    POD_IFINDEX_FIELD_NUMBER: _builtins.int
+    POD_MAC_FIELD_NUMBER: _builtins.int
+    POD_IP_FIELD_NUMBER: _builtins.int
+    HOST_MAC_FIELD_NUMBER: _builtins.int
+    interface: _builtins.str
+    """Host-side device name (cali0123456789a, veth..., lxc...)."""
+    ifindex: _builtins.int
+    strategy: _builtins.str
+    """How it was found, e.g. "netns-scan"."""
+    netns: _builtins.str
+    """The pod's network namespace as found on the node (a /run/netns or /proc path)."""
+    pod_interface: _builtins.str
+    """The pod-side interface (eth0) and its index in the pod netns."""
+    pod_ifindex: _builtins.int
+    pod_mac: _builtins.str
+    pod_ip: _builtins.str
+    host_mac: _builtins.str
+    """The host-side device's MAC address."""
+    def __init__(
+        self,
+        *,
+        interface: _builtins.str = ...,
+        ifindex: _builtins.int = ...,
+        strategy: _builtins.str = ...,
+        netns: _builtins.str = ...,
+        pod_interface: _builtins.str = ...,
+        pod_ifindex: _builtins.int = ...,
+        pod_mac: _builtins.str = ...,
+        pod_ip: _builtins.str = ...,
+        host_mac: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["host_mac", b"host_mac", "ifindex", b"ifindex", "interface", b"interface", "netns", b"netns", "pod_ifindex", b"pod_ifindex", "pod_interface", b"pod_interface", "pod_ip", b"pod_ip", "pod_mac", b"pod_mac", "strategy", b"strategy"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Resolution: _TypeAlias = Resolution  # noqa: Y015
