@@ -52,6 +52,7 @@ async def download(
     *,
     via_url: bool = False,
     force: bool = False,
+    one_copy: bool = False,
 ) -> None:
     """Saves what was asked; a multi-pod capture needs --target, --all or --merge."""
     if not (every or merge):
@@ -86,7 +87,7 @@ async def download(
             inputs.append((part, f"{t.namespace}/{t.pod}@{t.node}"))
         merged = Path(scratch) / "merged.pcapng"
         try:
-            result = merge_pcaps(inputs, merged)
+            result = merge_pcaps(inputs, merged, one_copy=one_copy)
         except PcapFormatError as exc:
             raise ClientError(f"cannot merge: {exc}") from exc
         with _output(path, force=True) as out, merged.open("rb") as source:
@@ -94,6 +95,14 @@ async def download(
                 out.write(block)
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
+    if result.copies and one_copy:
+        print(f"note: {result.copies} copies of packets seen on two pods were left out", file=sys.stderr)
+    elif result.copies:
+        print(
+            f"note: {result.copies} packets crossed two of these pods and are in the file once per pod; Wireshark "
+            "marks the later copies as retransmissions (--one-copy keeps one)",
+            file=sys.stderr,
+        )
     print(f"merged {result.total} packets of {len(inputs)} pods into {_shown(path)}", file=sys.stderr)
 
 

@@ -151,6 +151,11 @@ def _parser() -> argparse.ArgumentParser:
         "interfaces named ns/pod@node)",
     )
     p.add_argument("--force", action="store_true", help="with --download: replace PATH if it exists")
+    p.add_argument(
+        "--one-copy",
+        action="store_true",
+        help="with --download of several pods: a packet captured on two of them is kept once",
+    )
 
     p = client("get", "show one capture")
     p.add_argument("id")
@@ -184,6 +189,11 @@ def _parser() -> argparse.ArgumentParser:
     which.add_argument("--all", action="store_true", help="every pod's pcap into the directory PATH")
     which.add_argument(
         "--merge", action="store_true", help="every pod into one pcapng at PATH, merged by time"
+    )
+    p.add_argument(
+        "--one-copy",
+        action="store_true",
+        help="with --merge: a packet captured on two pods (both ends of a conversation) is kept once",
     )
     p = client("url", "print a short-lived download URL for a completed capture")
     p.add_argument("id")
@@ -444,7 +454,9 @@ async def _client_command(args: argparse.Namespace) -> int:
                 host_network=args.host_network,
             )
             if args.wait or args.download:
-                capture = await _follow(conn, capture.id, args.download, force=args.force)
+                capture = await _follow(
+                    conn, capture.id, args.download, force=args.force, one_copy=args.one_copy
+                )
             # With the pcap on standard output, what is said about it goes to stderr.
             print_capture(capture, json_output, sys.stderr if args.download == STDOUT else sys.stdout)
             return 0 if capture.state != conn.failed else 1
@@ -483,7 +495,7 @@ async def _client_command(args: argparse.Namespace) -> int:
 
 
 async def _follow(
-    conn: Connection, capture_id: str, path: Path | None, *, force: bool
+    conn: Connection, capture_id: str, path: Path | None, *, force: bool, one_copy: bool
 ) -> capture_pb2.Capture:
     """Waits for the capture to settle, showing progress; with `path`, saves the pcap the moment the capture has
     ended, while its summary is still being made on the node (the summary never holds the pcap back)."""
@@ -496,7 +508,9 @@ async def _follow(
         if path is not None and capture.state in TERMINAL:
             if capture.state == conn.completed:
                 merge = len(capture.targets) > 1
-                await download(conn, capture, path, target=None, every=False, merge=merge, force=force)
+                await download(
+                    conn, capture, path, target=None, every=False, merge=merge, force=force, one_copy=one_copy
+                )
             path = None
         last = capture
     if last is None:

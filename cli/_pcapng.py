@@ -13,14 +13,23 @@ pending packet per input. Equal timestamps keep input order (and file order with
 reproducible. A truncated last record (a tcpdump killed mid-write, a short download) is dropped and reported
 rather than failing the merge; a file that is not a classic pcap at all raises `PcapFormatError`.
 
+One conversation between two captured pods crosses both pods' devices, so each of its packets is in the merge
+twice, once per interface. Wireshark's TCP analysis, which ignores interfaces, then marks every second copy a
+retransmission or a duplicate ACK. The merge says so in the file's comment (Statistics > Capture File
+Properties), with the number of such packets, and `one_copy` keeps only the first copy of each: a packet is the
+same packet on another pod when its IP header and payload match with the fields routing changes (TTL or hop
+limit, header checksum) left out and the Ethernet header ignored, within one second.
+
 Not supported: the "modified" (Kuznetzov) pcap magic, which tcpdump never writes, and pcapng inputs.
 """
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import os
 import struct
+from collections import deque
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -43,11 +52,14 @@ _RECORD_HEADER = 16
 _MAX_PACKET = 262_144
 _MAX_SNAPLEN = 1 << 26
 _READ_BUFFER = 1 << 16
+# Link types whose packets are compared across pods: Ethernet (its 14-byte header skipped), raw IP, IPv4, IPv6.
+_IP_OFFSET = {1: 14, 101: 0, 228: 0, 229: 0}
+_SAME_PACKET_WINDOW_NS = 10**9
 
 # pcapng block types and option codes (draft-ietf-opsawg-pcapng).
 _SHB, _IDB, _EPB = 0x0A0D0D0A, 0x00000001, 0x00000006
 _BYTE_ORDER_MAGIC = 0x1A2B3C4D
-_OPT_END, _SHB_USERAPPL = 0, 4
+_OPT_END, _OPT_COMMENT, _SHB_USERAPPL = 0, 1, 4
 _IF_NAME, _IF_DESCRIPTION, _IF_TSRESOL, _IF_FCSLEN = 2, 3, 9, 13
 
 
@@ -57,10 +69,12 @@ class PcapFormatError(ValueError):
 
 @dataclass(frozen=True)
 class MergeResult:
-    """What went into the merged file; `packets` and `notes` follow the order of the inputs."""
+    """What went into the merged file; `packets` and `notes` follow the order of the inputs. `copies` counts the
+    packets that were also captured on another pod (dropped with `one_copy`, else in the file once per pod)."""
 
     packets: tuple[int, ...]
     notes: tuple[str, ...]
+    copies: int = 0
 
     @property
     def total(self) -> int:
@@ -100,10 +114,68 @@ def _block(block_type: int, body: bytes) -> bytes:
     return struct.pack("<II", block_type, length) + body + struct.pack("<I", length)
 
 
-def _section_header() -> bytes:
-    options = _option(_SHB_USERAPPL, b"podcap") + _option(_OPT_END, b"")
+def _section_header(comment: str) -> bytes:
+    options = (
+        _option(_SHB_USERAPPL, b"podcap") + _option(_OPT_COMMENT, comment.encode()) + _option(_OPT_END, b"")
+    )
     # Section length -1: unknown, which is what a streaming writer must say.
     return _block(_SHB, struct.pack("<IHHq", _BYTE_ORDER_MAGIC, 1, 0, -1) + options)
+
+
+def _comment(names: Sequence[str], one_copy: bool) -> str:
+    pods = ", ".join(names)
+    if one_copy:
+        return (
+            f"podcap merged the captures of {len(names)} pods ({pods}) by time. A packet captured on several of "
+            "them is here once, on the interface of the pod where it was seen first."
+        )
+    return (
+        f"podcap merged the captures of {len(names)} pods ({pods}) by time; each packet's interface names its pod. "
+        "A packet that crossed two of these pods is here once per pod, and Wireshark's TCP analysis marks the "
+        "later copy a retransmission or duplicate ACK: it is not one. Filter on one pod "
+        '(frame.interface_name == "ns/pod@node"), or merge with `podcap download --merge --one-copy`.'
+    )
+
+
+class _SameOnAnotherPod:
+    """Recognises a packet already written from another input within the window: the same IP packet, whatever
+    routing changed on the way (TTL or hop limit, the IPv4 header checksum, the Ethernet header)."""
+
+    def __init__(self) -> None:
+        self._seen: dict[bytes, int] = {}  # key -> input that wrote it
+        self._order: deque[tuple[int, bytes]] = deque()  # (timestamp, key), oldest first
+
+    def __call__(self, stamp: int, index: int, linktype: int, data: bytes) -> bool:
+        while self._order and self._order[0][0] < stamp - _SAME_PACKET_WINDOW_NS:
+            _, old = self._order.popleft()
+            self._seen.pop(old, None)
+        key = _ip_key(data, linktype)
+        if key is None:
+            return False
+        first = self._seen.get(key)
+        if first is not None and first != index:
+            return True
+        if first is None:
+            self._seen[key] = index
+            self._order.append((stamp, key))
+        return False
+
+
+def _ip_key(data: bytes, linktype: int) -> bytes | None:
+    offset = _IP_OFFSET.get(linktype)
+    if offset is None or len(data) < offset + 20:
+        return None
+    if linktype == 1 and data[12:14] not in (b"\x08\x00", b"\x86\xdd"):
+        return None
+    packet = data[offset:]
+    version = packet[0] >> 4
+    if version == 4:
+        masked = packet[:8] + packet[9:10] + packet[12:]  # without TTL (8) and header checksum (10-11)
+    elif version == 6 and len(packet) >= 40:
+        masked = packet[:7] + packet[8:]  # without the hop limit (7)
+    else:
+        return None
+    return hashlib.blake2b(masked, digest_size=16).digest()
 
 
 def _description(name: str) -> str:
@@ -125,8 +197,8 @@ def _interface(name: str, header: _Header) -> bytes:
 
 def _packets(
     index: int, name: str, header: _Header, stream: BinaryIO, notes: list[str]
-) -> Iterator[tuple[int, int, bytes]]:
-    """Yield (timestamp in ns, input index, finished EPB) for each whole record of one input.
+) -> Iterator[tuple[int, int, bytes, bytes]]:
+    """Yield (timestamp in ns, input index, finished EPB, packet bytes) for each whole record of one input.
 
     The index is the tie-breaker heapq.merge compares after the timestamp, so equal timestamps keep input
     order and the block bytes are never compared.
@@ -156,32 +228,43 @@ def _packets(
             return
         stamp = seconds * units + fraction
         body = struct.pack("<IIIII", index, stamp >> 32, stamp & 0xFFFFFFFF, caplen, length)
-        yield (seconds * 10**9 + fraction * scale, index, _block(_EPB, body + data + b"\0" * (-caplen % 4)))
+        block = _block(_EPB, body + data + b"\0" * (-caplen % 4))
+        yield (seconds * 10**9 + fraction * scale, index, block, data)
 
 
-def merge_pcaps(inputs: Sequence[tuple[Path, str]], output: Path) -> MergeResult:
-    """Write one pcapng at `output` from (classic pcap, interface name) pairs, packets merged by time.
+def merge_pcaps(inputs: Sequence[tuple[Path, str]], output: Path, *, one_copy: bool = False) -> MergeResult:
+    """Write one pcapng at `output` from (classic pcap, interface name) pairs, packets merged by time; with
+    `one_copy`, a packet also captured on another pod is written only the first time.
 
     The file appears at `output` only once it is complete (written next to it, then renamed), so a failed
     merge never leaves something that looks like a whole capture.
     """
     notes: list[list[str]] = [[] for _ in inputs]  # per input, so the notes follow input order
     counts = [0] * len(inputs)
+    copies = 0
+    same = _SameOnAnotherPod()
     partial = output.with_name(output.name + ".partial")
     try:
         with ExitStack() as stack, open(partial, "wb") as out:
-            out.write(_section_header())
-            streams = []
+            out.write(_section_header(_comment([name for _, name in inputs], one_copy)))
+            streams, linktypes = [], []
             for index, (path, name) in enumerate(inputs):
                 stream = stack.enter_context(open(path, "rb", buffering=_READ_BUFFER))
                 header = _read_header(path, stream)
                 out.write(_interface(name, header))
                 streams.append(_packets(index, name, header, stream, notes[index]))
-            for _, index, block in heapq.merge(*streams):
+                linktypes.append(header.linktype)
+            for stamp, index, block, data in heapq.merge(*streams):
+                if same(stamp, index, linktypes[index], data):
+                    copies += 1
+                    if one_copy:
+                        continue
                 out.write(block)
                 counts[index] += 1
         os.replace(partial, output)
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
-    return MergeResult(packets=tuple(counts), notes=tuple(note for found in notes for note in found))
+    return MergeResult(
+        packets=tuple(counts), notes=tuple(note for found in notes for note in found), copies=copies
+    )

@@ -169,3 +169,56 @@ def test_a_file_that_is_not_a_pcap_is_refused_and_leaves_no_output(tmp_path: Pat
         merge_pcaps([(good, "a/g@n"), (bad, "a/b@n")], merged)
 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.pcap", "good.pcap"]
+
+
+def _routed(frame: bytes, ttl: int) -> bytes:
+    """The same IPv4 packet after routing: new MACs, a lower TTL and its header checksum changed with it."""
+    ip = bytearray(frame[14:])
+    ip[8], ip[10:12] = ttl, struct.pack("!H", 0xBEEF - ttl)
+    return b"\x02\0\0\0\0\x09" + b"\x02\0\0\0\0\x08" + b"\x08\x00" + bytes(ip)
+
+
+def _both_ends(tmp_path: Path) -> list[tuple[Path, str]]:
+    """Client and server ends of one conversation: each packet seen on both, 50-300 µs apart; one packet seen
+    only by the client; one identical packet 2 s later on the server (a new packet, not a copy)."""
+    query, answer, lost = _frame(1000, b"query"), _frame(1001, b"answer"), _frame(1002, b"lost")
+    client = _pcap(tmp_path / "client.pcap", [(1, 100, query), (1, 900, _routed(answer, 62)), (1, 950, lost)])
+    server = _pcap(
+        tmp_path / "server.pcap", [(1, 300, _routed(query, 62)), (1, 600, answer), (3, 300, query)]
+    )
+    return [(client, "shop/client@node-1"), (server, "shop/server@node-2")]
+
+
+def test_a_merge_of_both_ends_says_which_packets_are_in_it_twice(tmp_path: Path) -> None:
+    result = merge_pcaps(_both_ends(tmp_path), tmp_path / "merged.pcapng")
+    assert result.packets == (3, 3) and result.copies == 2
+    assert [name for (name,) in _tshark(tmp_path / "merged.pcapng", "frame.interface_name")] == [
+        "shop/client@node-1",
+        "shop/server@node-2",
+        "shop/server@node-2",
+        "shop/client@node-1",
+        "shop/client@node-1",
+        "shop/server@node-2",
+    ]
+    comment = subprocess.run(
+        ["capinfos", "-k", str(tmp_path / "merged.pcapng")], capture_output=True, text=True, check=True
+    ).stdout
+    assert "once per pod" in comment and "retransmission" in comment and "--one-copy" in comment
+
+
+def test_one_copy_keeps_the_first_sighting_of_each_packet(tmp_path: Path) -> None:
+    result = merge_pcaps(_both_ends(tmp_path), tmp_path / "one.pcapng", one_copy=True)
+    assert result.packets == (2, 2) and result.copies == 2
+    rows = _tshark(tmp_path / "one.pcapng", "frame.interface_name", "udp.srcport", "ip.ttl")
+    assert rows == [
+        ["shop/client@node-1", "1000", "64"],  # the query, where it was sent
+        ["shop/server@node-2", "1001", "64"],  # the answer, where it was sent
+        ["shop/client@node-1", "1002", "64"],  # only the client saw it: the server never did
+        ["shop/server@node-2", "1000", "64"],  # the same bytes 2 s later: a packet of its own
+    ]
+    assert (
+        "once, on the interface of the pod where it was seen first"
+        in subprocess.run(
+            ["capinfos", "-k", str(tmp_path / "one.pcapng")], capture_output=True, text=True, check=True
+        ).stdout
+    )
