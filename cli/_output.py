@@ -95,11 +95,9 @@ def print_capture(capture: capture_pb2.Capture, as_json: bool, out: TextIO = sys
 
 
 def _capture_lines(view: dict[str, Any]) -> Iterator[str]:
+    keys = ["id", "state", "namespace", "label_selector" if view["label_selector"] else "pod"]
     for key in (
-        "id",
-        "state",
-        "namespace",
-        "pod",
+        *keys,
         "filter",
         "duration_seconds",
         "requester",

@@ -67,6 +67,8 @@ def test_selector_capture_covers_every_matching_pod_and_merges_them(stack: Stack
         shown = json.loads(_cli(stack, "get", capture["id"], "-o", "json").stdout)
     assert shown["state"] == "COMPLETED", shown["error"]
     assert shown["packets"] == sum(t["packets"] for t in shown["targets"])
+    text = _cli(stack, "get", capture["id"]).stdout
+    assert f"label_selector: {shown['label_selector']}" in text and "             pod:" not in text
 
     single = _cli(stack, "download", capture["id"], "-f", str(tmp_path / "one.pcap"))
     assert single.returncode != 0 and "--target N, --all or --merge" in single.stderr
