@@ -65,7 +65,7 @@ TERMINAL = {
     common_pb2.CAPTURE_STATE_CANCELLED,
 }
 
-# Refused by the agent's own checks: option-like tokens, NUL, non-ASCII, length.
+# Refused by the agent's own checks: NUL, non-ASCII, length; option-like text does not compile as a filter.
 HOSTILE_FILTERS = [
     "-z /evil.sh",
     "tcp -w /etc/passwd",
