@@ -7,9 +7,15 @@ again from byte 0 after a backoff, for as long as it takes, because an :class:`~
 be resumed and a pcap must not be lost. Nothing here deletes the spool file; the caller does, once
 :meth:`GrowingFileUploader.run` has returned the stored object.
 
-boto3 blocks, so every file read and store call runs in one worker thread per uploader, one at a time. That
-order is what makes cancellation safe: the abort queued behind a part upload still in flight runs after it,
-instead of racing it and leaving the multipart upload behind.
+The spool is read once, front to back, in blocks of up to ``read_size`` (1 MiB): the upload hashes each block
+and cuts it into parts as it passes, and an S3 upload sends a few parts at a time from threads of its own, so
+it keeps up with tcpdump whenever the store can and what is left when tcpdump exits is about the last part.
+The store blocks, so every file read and store call runs in one worker thread per uploader, one at a time,
+at background priority (``lower_this_thread``: nice 10 and the lowest best-effort IO, which the S3 upload's
+part threads inherit): when the node is busy, the tcpdump whose file it reads gets the CPU and the disk
+first. That order is what makes cancellation safe: the abort queued behind a write still in flight runs
+after it, and the S3 upload's abort waits for its parts in flight before aborting, instead of racing them
+and leaving the multipart upload behind.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ from pathlib import Path
 from typing import TypeVar, TypeVarTuple
 
 from podcap.storage import ObjectStore, StorageError, StoredObject, Upload
+
+from ._priority import lower_this_thread
 
 __all__ = ["GrowingFileUploader", "RetryPolicy"]
 
@@ -151,7 +159,7 @@ class GrowingFileUploader:
             # Read the flag before draining: once it was set, the drain that follows reaches the final end.
             done = writer_done.is_set()
             while await worker.call(attempt.pump, done):
-                pass
+                pass  # a full block: there may be more behind it
             if done:
                 return await worker.call(attempt.complete)
             with contextlib.suppress(TimeoutError):
@@ -194,8 +202,12 @@ class _Attempt:
     def open(self) -> None:
         self.upload = self._store.open_upload(self._key)
 
-    def pump(self, writer_done: bool) -> int:
-        """Move up to ``read_size`` new bytes from the file to the upload; 0 means none are there yet."""
+    def pump(self, writer_done: bool) -> bool:
+        """Move up to ``read_size`` new bytes from the file to the upload; False once it has caught up.
+
+        A short read is the end of what the writer has written so far: stopping there until the next poll,
+        instead of reading again at once, keeps the reads large while tcpdump appends packet by packet.
+        """
         assert self.upload is not None
         if self._source is None:
             try:
@@ -203,12 +215,13 @@ class _Attempt:
             except FileNotFoundError:
                 if writer_done:
                     raise
-                return 0  # the writer has not created it yet
+                return False  # the writer has not created it yet
         # A regular file has no sticky end-of-file: reading again after b"" returns what was appended since.
         chunk = self._source.read(self._read_size)
-        if chunk:
-            self.upload.write(chunk)
-        return len(chunk)
+        # Even with nothing new: an S3 part that failed in the background says so here, and the retry can
+        # start while tcpdump is quiet.
+        self.upload.write(chunk)
+        return len(chunk) == self._read_size
 
     def complete(self) -> StoredObject:
         assert self.upload is not None
@@ -224,10 +237,12 @@ class _Attempt:
 
 
 class _Worker:
-    """A single thread that runs blocking calls in the order they were made."""
+    """A single thread, at background priority, that runs blocking calls in the order they were made."""
 
     def __init__(self, name: str) -> None:
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self._executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=name, initializer=lower_this_thread
+        )
 
     async def call(self, fn: Callable[[*_Ts], _T], *args: *_Ts) -> _T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)

@@ -5,12 +5,14 @@ default credential chain, and endpoint, region and credentials from the environm
 reads ``AWS_ENDPOINT_URL_S3`` and friends itself). Every botocore error is translated here into the storage
 error tree.
 
-Uploads are multipart, so a capture streams to S3 while it grows. An agent that dies mid-upload leaves an
-incomplete multipart upload behind; buckets should carry an ``AbortIncompleteMultipartUpload`` lifecycle rule.
+Uploads are multipart, a few parts in flight at once, so a capture streams to S3 while it grows and the upload
+keeps up with it whenever the store can. An agent that dies mid-upload leaves an incomplete multipart upload
+behind; buckets should carry an ``AbortIncompleteMultipartUpload`` lifecycle rule.
 """
 
 import hashlib
 from collections.abc import Iterator
+from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
@@ -37,10 +39,13 @@ if TYPE_CHECKING:
 
 __all__ = ["S3Store"]
 
-# S3 refuses parts under 5 MiB (but the last) and more than 10,000 parts. Doubling the part size every 1,000
-# parts keeps memory at 5 MiB for ordinary captures and still reaches S3's 5 TiB object limit.
-_MIN_PART = 5 << 20
+# S3 refuses parts under 5 MiB (but the last) and more than 10,000 parts. 8 MiB parts (boto3's own
+# multipart_chunksize), doubled every 1,000 parts, reach past S3's 5 TiB object limit within 10,000 parts.
+_MIN_PART = 8 << 20
 _PARTS_PER_SIZE = 1000
+# Parts sent at once by one upload: enough to keep a store busy while a part's request waits on its answer,
+# few enough that an upload holds at most (this + 1) parts in memory.
+_PARTS_IN_FLIGHT = 4
 
 _MAX_PRESIGN_SECONDS = 7 * 24 * 3600  # SigV4's limit; S3 refuses longer-lived URLs when they are used
 
@@ -175,7 +180,19 @@ class S3Store:
 
 
 class S3Upload:
-    """A multipart upload, started lazily: objects smaller than one part are sent with a single PUT."""
+    """A multipart upload whose parts go out in parallel, started lazily: objects under one part are one PUT.
+
+    The caller's thread hashes and cuts the bytes into parts as they are written (each byte copied once, into
+    its part) and hands every full part to a small pool of threads, at most ``_PARTS_IN_FLIGHT`` at a time:
+    :meth:`write` blocks while they are all busy, which bounds the memory of an upload to that many parts
+    plus the one being filled, and makes a reader that outruns the store wait for it. The pool's threads are
+    started by the thread that writes, so they inherit its CPU and IO priority.
+
+    One thread at a time calls the methods (the part threads only ever run ``upload_part``). A part that
+    failed raises its storage error from the next :meth:`write` (even of no bytes) or :meth:`complete`;
+    :meth:`abort` first waits for the parts in flight, so no part lands in a multipart upload after it was
+    aborted.
+    """
 
     def __init__(
         self,
@@ -194,11 +211,17 @@ class S3Upload:
         self._key = key
         self._s3_key = s3_key
         self._what = what  # for error messages
-        self._buffer = bytearray()
+        # The bytes of the part being filled, as written (the last one may be a view of the rest of a write).
+        self._pending: list[bytes | memoryview] = []
+        self._pending_size = 0
         self._hash = hashlib.sha256()
         self._size = 0
         self._upload_id: str | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._in_flight: set[Future[CompletedPartTypeDef]] = set()
         self._parts: list[CompletedPartTypeDef] = []
+        self._next_part = 1
+        self._failure: BaseException | None = None
         self._done = False
         # What boto3's own upload_file does: unless the user turned flexible checksums off (e.g. for an older
         # S3-compatible server, AWS_REQUEST_CHECKSUM_CALCULATION=when_required), declare CRC32 when creating
@@ -208,34 +231,64 @@ class S3Upload:
         self._checksum: dict[str, Any] = {} if setting == "when_required" else {"ChecksumAlgorithm": "CRC32"}
 
     def _part_size(self) -> int:
-        return _MIN_PART << (len(self._parts) // _PARTS_PER_SIZE)
+        return _MIN_PART << ((self._next_part - 1) // _PARTS_PER_SIZE)
 
-    def write(self, data: bytes) -> None:
+    def _check_open(self) -> None:
         if self._done:
             raise ValueError(f"upload of {self._key!r} is already completed or aborted")
+        self._collect(block=False)
+
+    def write(self, data: bytes) -> None:
+        self._check_open()
+        # The one pass over the bytes that podcap makes: size and SHA-256 of the object, as they go by.
         self._hash.update(data)
         self._size += len(data)
-        self._buffer += data
-        while len(self._buffer) >= self._part_size():
-            size = self._part_size()
-            # One copy of the part, not two (slicing a bytearray copies before bytes() copies again).
-            with memoryview(self._buffer) as view:
-                part = bytes(view[:size])
-            self._send_part(part)
-            del self._buffer[:size]
+        rest: bytes | memoryview = data
+        while self._pending_size + len(rest) >= (size := self._part_size()):
+            take = size - self._pending_size
+            if take == len(rest):
+                self._pending.append(rest)
+                rest = b""
+            else:
+                view = memoryview(rest)
+                self._pending.append(view[:take])
+                rest = view[take:]
+            self._pending_size = size
+            self._send_pending()
+        if rest:
+            self._pending.append(rest)
+            self._pending_size += len(rest)
 
-    def _send_part(self, data: bytes) -> None:
-        with _translated(self._what):
-            if self._upload_id is None:
+    def _take_pending(self) -> bytes:
+        """The part being filled, as one bytes object (a single written ``bytes`` is passed on as it is)."""
+        pending, self._pending, self._pending_size = self._pending, [], 0
+        if len(pending) == 1 and isinstance(pending[0], bytes):
+            return pending[0]
+        return b"".join(pending)
+
+    def _send_pending(self) -> None:
+        """Send the part being filled once a slot is free; the first part creates the multipart upload."""
+        if self._upload_id is None:
+            with _translated(self._what):
                 created = self._client.create_multipart_upload(
                     Bucket=self._bucket, Key=self._s3_key, **self._checksum, **self._encryption
                 )
-                self._upload_id = created["UploadId"]
-            number = len(self._parts) + 1
+            self._upload_id = created["UploadId"]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=_PARTS_IN_FLIGHT, thread_name_prefix="s3-part")
+        while len(self._in_flight) >= _PARTS_IN_FLIGHT:
+            self._collect(block=True)
+        data = self._take_pending()  # joined only now: never one part more in memory than in flight
+        number, self._next_part = self._next_part, self._next_part + 1
+        self._in_flight.add(self._pool.submit(self._upload_part, self._upload_id, number, data))
+
+    def _upload_part(self, upload_id: str, number: int, data: bytes) -> "CompletedPartTypeDef":
+        # In a pool thread: touches nothing of self that the writing thread changes.
+        with _translated(self._what):
             part = self._client.upload_part(
                 Bucket=self._bucket,
                 Key=self._s3_key,
-                UploadId=self._upload_id,
+                UploadId=upload_id,
                 PartNumber=number,
                 Body=data,
                 **self._checksum,
@@ -243,37 +296,59 @@ class S3Upload:
         completed: CompletedPartTypeDef = {"PartNumber": number, "ETag": part["ETag"]}
         if self._checksum and "ChecksumCRC32" in part:
             completed["ChecksumCRC32"] = part["ChecksumCRC32"]
-        self._parts.append(completed)
+        return completed
+
+    def _collect(self, *, block: bool, every: bool = False) -> None:
+        """Take in the parts that finished (waiting for one, or for all); raise the error of one that failed."""
+        if block and self._in_flight:
+            finished, _ = wait(self._in_flight, return_when=ALL_COMPLETED if every else FIRST_COMPLETED)
+        else:
+            finished = {future for future in self._in_flight if future.done()}
+        self._in_flight -= finished
+        for future in finished:
+            error = future.exception()
+            if error is None:
+                self._parts.append(future.result())
+            elif self._failure is None:
+                self._failure = error
+        if self._failure is not None:
+            # Every later call fails the same way, until abort() throws the upload away.
+            raise self._failure
 
     def complete(self) -> StoredObject:
-        if self._done:
-            raise ValueError(f"upload of {self._key!r} is already completed or aborted")
+        self._check_open()
         if self._upload_id is None:
             with _translated(self._what):
                 self._client.put_object(
-                    Bucket=self._bucket, Key=self._s3_key, Body=bytes(self._buffer), **self._encryption
+                    Bucket=self._bucket, Key=self._s3_key, Body=self._take_pending(), **self._encryption
                 )
         else:
-            if self._buffer:
-                self._send_part(bytes(self._buffer))
-                self._buffer.clear()
+            if self._pending:
+                self._send_pending()
+            self._collect(block=True, every=True)
             with _translated(self._what):
                 self._client.complete_multipart_upload(
                     Bucket=self._bucket,
                     Key=self._s3_key,
                     UploadId=self._upload_id,
-                    MultipartUpload={"Parts": self._parts},
+                    MultipartUpload={"Parts": sorted(self._parts, key=lambda part: part["PartNumber"])},
                 )
             self._upload_id = None  # completed: nothing left for abort() to throw away
         self._done = True
-        self._buffer.clear()
+        self._stop_pool()
         return StoredObject(key=self._key, size=self._size, sha256=self._hash.hexdigest())
 
     def abort(self) -> None:
         # No more writes whatever happens below; but the upload id is kept until S3 confirmed the abort, so
         # that an abort that failed while the store was down can be called again once it is back.
         self._done = True
-        self._buffer.clear()
+        self._pending, self._pending_size = [], 0
+        # A part still being sent could land after the abort and keep the upload (and its bill) alive, as S3
+        # documents: let every part finish (or fail) first, then abort.
+        if self._in_flight:
+            wait(self._in_flight)
+            self._in_flight.clear()
+        self._stop_pool()
         if self._upload_id is None:
             return
         with _translated(f"aborting {self._what}"):
@@ -286,3 +361,8 @@ class S3Upload:
                 if exc.response.get("Error", {}).get("Code") != "NoSuchUpload":
                     raise
         self._upload_id = None
+
+    def _stop_pool(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)  # every part has finished by now; the idle threads exit
+            self._pool = None

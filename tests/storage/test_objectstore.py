@@ -16,6 +16,7 @@ from podcap.storage import ObjectNotFound, ObjectStore, StoreUnavailable, open_s
 from tests.support.s3 import S3Server
 
 MiB = 1 << 20
+PART = 8 * MiB  # the S3 store's part size (storage/_s3.py)
 
 
 @pytest.fixture(params=["s3", "localdir"])
@@ -80,7 +81,7 @@ def test_aborted_upload_leaves_nothing_behind(
 ) -> None:
     on_s3 = "s3" in request.node.callspec.id
     upload = store.open_upload("shop/aborted.pcap")
-    upload.write(_payload(6 * MiB))  # more than a part: on S3 a multipart upload is under way
+    upload.write(_payload(PART + MiB))  # more than a part: on S3 a multipart upload is under way
     if on_s3:
         bucket, _ = request.getfixturevalue("s3_bucket")
         client = request.getfixturevalue("s3_server").client()
@@ -94,6 +95,54 @@ def test_aborted_upload_leaves_nothing_behind(
         assert client.list_objects_v2(Bucket=bucket).get("KeyCount") == 0
     else:
         assert [p for p in (tmp_path / "objects").rglob("*") if p.is_file()] == []
+
+
+def test_s3_parts_sent_in_parallel_make_the_object_in_order(
+    s3_server: S3Server, s3_bucket: tuple[str, str]
+) -> None:
+    bucket, url = s3_bucket
+    store, client = open_store(url), s3_server.client()
+    data = _payload(5 * PART + 4321, seed=9)
+    upload = store.open_upload("shop/parallel.pcap")
+    upload.write(data[: 5 * PART // 2])  # one write of two and a half parts, then many small ones
+    for chunk in _odd_chunks(data[5 * PART // 2 :]):
+        upload.write(chunk)
+    stored = upload.complete()
+
+    assert (stored.size, stored.sha256) == (len(data), hashlib.sha256(data).hexdigest())
+    assert _read(store, stored.key) == data
+    # Six parts, listed in order on completion (S3 and moto refuse part lists that are not ascending).
+    assert (
+        client.head_object(Bucket=bucket, Key="captures/shop/parallel.pcap", PartNumber=1)["PartsCount"] == 6
+    )
+    assert client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+
+
+def test_s3_part_failure_surfaces_as_store_unavailable(
+    s3_server: S3Server, s3_bucket: tuple[str, str]
+) -> None:
+    bucket, url = s3_bucket
+    upload = open_store(url).open_upload("shop/broken.pcap")
+    upload.write(_payload(PART, seed=5))  # the multipart upload exists, its first part is on its way
+    s3_server.stop()
+    try:
+        with pytest.raises(StoreUnavailable) as caught:
+            for chunk in _odd_chunks(_payload(3 * PART, seed=6)):
+                upload.write(chunk)
+            upload.complete()
+        assert caught.value.__cause__ is not None  # botocore's error, for the logs
+        # The upload is broken for good: completing it says so again; aborting fails while the store is down.
+        with pytest.raises(StoreUnavailable):
+            upload.complete()
+        with pytest.raises(StoreUnavailable):
+            upload.abort()
+    finally:
+        s3_server.start()
+    # moto restarted empty: with its bucket back, the upload it forgot is aborted without an error.
+    s3_server.client().create_bucket(Bucket=bucket)
+    upload.abort()
+    with pytest.raises(ValueError, match="aborted"):
+        upload.write(b"x")
 
 
 def test_missing_objects(store: ObjectStore) -> None:
