@@ -18,10 +18,8 @@ BENCHMARKS = [
     "bench.list_captures",
     "bench.summary",
     "bench.summary_memory",
-    "bench.burst",
     "bench.cli_start",
     "bench.upload",
-    "bench.fidelity",
 ]
 
 
