@@ -18,6 +18,7 @@ BENCHMARKS = [
     "bench.list_captures",
     "bench.summary",
     "bench.summary_memory",
+    "bench.burst",
     "bench.cli_start",
     "bench.upload",
 ]

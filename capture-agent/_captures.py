@@ -88,7 +88,9 @@ class CaptureManager:
         self._limits = limits or Limits()
         self._retry = retry or RetryPolicy()
         self._jobs: dict[str, CaptureJob] = {}
-        self._starting = asyncio.Lock()
+        # Starts in progress, by capture id: set when each is over. Starts run side by side (resolution and
+        # tcpdump's start take tens of ms each); only a repeat of the same id waits for the first.
+        self._starting: dict[str, asyncio.Event] = {}
         # One thread, so one summary at a time node-wide; at low priority, which its tsharks inherit.
         self._summaries = ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="summary", initializer=lower_this_thread
@@ -104,51 +106,67 @@ class CaptureManager:
     async def start(self, spec: CaptureSpec) -> CaptureSnapshot:
         """Resolves the pod and starts tcpdump; returns once it listens. Idempotent on the capture id.
 
+        Many starts proceed at once; a repeat of an id being started waits for that start and answers as a repeat
+        of a finished one does. The checks that admit a start (the id is free, the node has room, counting the
+        starts in progress) and the claim on the id happen with no await between them, so nothing can slip in.
+
         All or nothing: if any step fails (or the caller is cancelled) once the spool entry exists, tcpdump is
         killed if it was started and the entry removed, so the same capture id can be started again.
         """
         spec = self._checked(spec)
-        async with self._starting:
-            if (job := self._jobs.get(spec.capture_id)) is not None:
-                return job.snapshot
-            self._check_room()
-            resolution, filter_expr = await asyncio.to_thread(self._resolve_target, spec)
-            entry = self._spool.create(spec.capture_id)
-            tcpdump: Tcpdump | None = None
-            try:
-                argv = tcpdump_argv(
-                    self._programs.tcpdump,
-                    resolution.interface,
-                    entry.pcap,
-                    spec.snaplen,
-                    filter_expr,
-                    self._user,
-                    max_packets=spec.max_packets,
-                    setpriv=self._programs.setpriv,
-                    buffer_kib=spec.buffer_size // 1024,
-                )
-                tcpdump = await Tcpdump.start(argv)
-                snapshot = CaptureSnapshot(
-                    spec=spec, state=JobState.RUNNING, resolution=resolution, started_at=datetime.now(UTC)
-                )
-                await asyncio.to_thread(
-                    entry.record_started,
-                    {
-                        "spec": asdict(spec),
-                        "resolution": asdict(resolution),
-                        "started_at": snapshot.started_at,
-                        "tcpdump_pid": tcpdump.pid,
-                        "argv": argv,
-                    },
-                )
-            except BaseException:
-                await _undo_start(spec.capture_id, entry, tcpdump)
-                raise
-            job = CaptureJob(snapshot=snapshot, spool=entry, tcpdump=tcpdump)
-            self._jobs[spec.capture_id] = job
-            job.task = asyncio.create_task(self._run(job), name=f"capture-{spec.capture_id}")
-            log.info("capture %s: tcpdump listening on %s", spec.capture_id, resolution.interface)
+        capture_id = spec.capture_id
+        while (starting := self._starting.get(capture_id)) is not None:
+            await starting.wait()
+        if (job := self._jobs.get(capture_id)) is not None:
             return job.snapshot
+        self._check_room()
+        self._starting[capture_id] = done = asyncio.Event()
+        try:
+            job = await self._start_job(spec)
+        finally:
+            del self._starting[capture_id]
+            done.set()
+        return job.snapshot
+
+    async def _start_job(self, spec: CaptureSpec) -> CaptureJob:
+        """The start itself, once admitted: resolution, spool entry, tcpdump listening, the start record."""
+        resolution, filter_expr = await asyncio.to_thread(self._resolve_target, spec)
+        entry = self._spool.create(spec.capture_id)
+        tcpdump: Tcpdump | None = None
+        try:
+            argv = tcpdump_argv(
+                self._programs.tcpdump,
+                resolution.interface,
+                entry.pcap,
+                spec.snaplen,
+                filter_expr,
+                self._user,
+                max_packets=spec.max_packets,
+                setpriv=self._programs.setpriv,
+                buffer_kib=spec.buffer_size // 1024,
+            )
+            tcpdump = await Tcpdump.start(argv)
+            snapshot = CaptureSnapshot(
+                spec=spec, state=JobState.RUNNING, resolution=resolution, started_at=datetime.now(UTC)
+            )
+            await asyncio.to_thread(
+                entry.record_started,
+                {
+                    "spec": asdict(spec),
+                    "resolution": asdict(resolution),
+                    "started_at": snapshot.started_at,
+                    "tcpdump_pid": tcpdump.pid,
+                    "argv": argv,
+                },
+            )
+        except BaseException:
+            await _undo_start(spec.capture_id, entry, tcpdump)
+            raise
+        job = CaptureJob(snapshot=snapshot, spool=entry, tcpdump=tcpdump)
+        self._jobs[spec.capture_id] = job
+        job.task = asyncio.create_task(self._run(job), name=f"capture-{spec.capture_id}")
+        log.info("capture %s: tcpdump listening on %s", spec.capture_id, resolution.interface)
+        return job
 
     def _resolve_target(self, spec: CaptureSpec) -> tuple[Resolution, str]:
         """The device to listen on and the filter to give tcpdump (narrowed to the pod for hostNetwork pods)."""
@@ -200,6 +218,7 @@ class CaptureManager:
         """RESOURCE_EXHAUSTED, with the numbers, when this node may not take another capture now."""
         limits = self._limits
         running = sum(1 for job in self._jobs.values() if job.snapshot.state == JobState.RUNNING)
+        running += len(self._starting)  # each start in progress is about to run
         if running >= limits.max_concurrent:
             raise NodeLimitReached(
                 f"this node already runs {running} captures (at most {limits.max_concurrent})"

@@ -287,8 +287,8 @@ class Captures:
         except ControllerError as exc:
             await self._record_failure(row.id, target.index, str(exc))
             raise
-        await self._record(row.id, target.index, report)
-        self._follow(row.id, target.index, target.agent_address)
+        settled = await self._record(row.id, target.index, report)
+        self._follow(row.id, target.index, target.agent_address, None if settled else report)
 
     async def _start_on_agent(self, row: CaptureRow, target: TargetRow) -> AgentCapture:
         """StartCapture for one target, from what its rows say; the agent answers a repeat with the same capture."""
@@ -509,19 +509,27 @@ class Captures:
 
         return await asyncio.to_thread(run)
 
-    def _follow(self, capture_id: str, index: int, address: str) -> None:
+    def _follow(
+        self, capture_id: str, index: int, address: str, recorded: AgentCapture | None = None
+    ) -> None:
         key = (capture_id, index)
         if key in self._following and not self._following[key].done():
             return
         task = asyncio.create_task(
-            self._follow_target(capture_id, index, address), name=f"follow-{capture_id}"
+            self._follow_target(capture_id, index, address, recorded), name=f"follow-{capture_id}"
         )
         self._following[key] = task
         task.add_done_callback(lambda _: self._following.pop(key, None))
 
-    async def _follow_target(self, capture_id: str, index: int, address: str) -> None:
+    async def _follow_target(
+        self, capture_id: str, index: int, address: str, recorded: AgentCapture | None = None
+    ) -> None:
         """Mirrors the agent's reports into SQL until the target is settled (terminal, its summary in); gives up
-        on a lost agent."""
+        on a lost agent.
+
+        `recorded` is the report last written (the start's answer): a report equal to it changes nothing and
+        costs no transaction. A watch opens with the capture as it stands, which is what the start has just
+        answered, and SQL transactions are what a burst of creates queues for (bench/burst.py)."""
         loop = asyncio.get_running_loop()
         give_up_at = loop.time() + self._settings.agent_lost_after.total_seconds()
         delay = 0.2
@@ -530,8 +538,11 @@ class Captures:
             try:
                 async for report in self._agents.watch(address, _agent_capture_id(capture_id, index)):
                     give_up_at = loop.time() + self._settings.agent_lost_after.total_seconds()
+                    if report == recorded:
+                        continue
                     if await self._record(capture_id, index, report):
                         return
+                    recorded = report
             except CaptureUnknownToAgent as exc:
                 if not restarted and await self._restart_pending(capture_id, index):
                     restarted = (
