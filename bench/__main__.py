@@ -21,6 +21,7 @@ BENCHMARKS = [
     "bench.burst",
     "bench.cli_start",
     "bench.upload",
+    "bench.fidelity",
 ]
 
 

@@ -4,6 +4,12 @@ tcpdump runs as an argument list, never through a shell, with the user's filter 
 `--`, so no user text can ever be read as an option (a filter like `-z /evil.sh` ran code as root in another capture
 tool). We wait for tcpdump's "listening on" line before reporting the capture as running, stop it with SIGINT so
 that it flushes and prints its closing statistics, and always reap it.
+
+How tcpdump captures is chosen from measurements (bench/fidelity.py, docs/capture-fidelity.md): a large kernel
+buffer (-B, the node's default or the request's), no immediate mode (libpcap then hands packets over a ring block
+at a time, at the latest after its 1 s timeout, instead of waking tcpdump for every packet, which lost 9-38% of
+a 200k packet/s flood here), and -U, so that each block's packets reach the file on disk at once: the uploader,
+and a live view, read the file no more than about a second behind the wire.
 """
 
 from __future__ import annotations
@@ -25,6 +31,12 @@ _STATS = {
 _LISTENING = b"listening on "
 _START_TIMEOUT_S = 10.0
 _STOP_TIMEOUT_S = 10.0
+# tcpdump's libpcap timeout (tcpdump sets 1000 ms): outside immediate mode the kernel hands a ring block over once
+# it is full or that long after it was opened. SIGINT ends tcpdump without reading a block still open, so `stop()`
+# waits that long, and a little, first: every packet that arrived before the stop is then in the pcap. An end
+# without `stop()` (the agent killed, so the parent-death SIGINT; the pod's device gone) loses up to that last second.
+_BUFFER_TIMEOUT_S = 1.0
+_STOP_DRAIN_S = _BUFFER_TIMEOUT_S + 0.1
 _STDERR_KEEP = 64 * 1024
 # An AF_PACKET socket is all tcpdump needs: promiscuous mode through PACKET_ADD_MEMBERSHIP takes no capability,
 # and tcpdump changes no interface setting (tests/agent/test_privileges.py captures on a routed /32 veth, a bridge
@@ -91,7 +103,7 @@ def tcpdump_argv(
             f"--bounding-set=-all,{_CAPS}",
             "--no-new-privs",
         ]
-    argv += ["--", tcpdump, "-i", interface, "-w", str(spool_file), "-U", "--immediate-mode", "-n"]
+    argv += ["--", tcpdump, "-i", interface, "-w", str(spool_file), "-U", "-n"]
     argv += ["-s", str(snaplen)]
     if buffer_kib:
         argv += ["-B", str(buffer_kib)]
@@ -185,7 +197,13 @@ class Tcpdump:
         return self._process.returncode is None
 
     async def stop(self) -> None:
-        """Asks tcpdump to finish: SIGINT makes it flush the pcap and print its statistics."""
+        """Asks tcpdump to finish once it has had the packets that arrived before this call (a buffer timeout
+        later): SIGINT makes it flush the pcap and print its statistics."""
+        exited = asyncio.create_task(self._process.wait())
+        try:
+            await asyncio.wait({exited}, timeout=_STOP_DRAIN_S)
+        finally:
+            exited.cancel()
         if self.running:
             with contextlib.suppress(ProcessLookupError):
                 self._process.send_signal(signal.SIGINT)

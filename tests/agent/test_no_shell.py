@@ -73,12 +73,14 @@ TCPDUMP_OPTIONS = {
     "-i": True,
     "-w": True,
     "-U": False,
-    "--immediate-mode": False,
     "-n": False,
     "-s": True,
     "-c": True,
     "-B": True,
 }
+# The options of a capture with the node's default limits, in order (docs/capture-fidelity.md says why: no
+# --immediate-mode, packet-buffered output, a 32 MiB kernel buffer, whole packets).
+DEFAULT_CAPTURE = ["-i", "-w", "-U", "-n", "-s", "262144", "-B", "32768"]
 _EXECVE = re.compile(r'^(\d+) +execve\("((?:\\x[0-9a-f]{2})*)", \[(.*?)\](.*)$')
 _STRING = re.compile(r'"((?:\\x[0-9a-f]{2})*)"')
 
@@ -215,6 +217,7 @@ def _check_tcpdump_argv(argv: list[str], interface: str, spool: Path, filters: s
     """tcpdump's argv is the agent's fixed options, `--`, then at most one argument: one of `filters`."""
     assert Path(argv[0]).is_absolute() and Path(argv[0]).name == "tcpdump", argv
     cut = argv.index("--")
+    assert [a for a in argv[1:cut] if a.startswith("-") or a in DEFAULT_CAPTURE] == DEFAULT_CAPTURE, argv
     i = 1
     while i < cut:
         option = argv[i]
