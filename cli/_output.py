@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Iterator
+from datetime import datetime
 from typing import Any, TextIO
 
 from google.protobuf import json_format
@@ -80,6 +81,8 @@ def capture_dict(c: capture_pb2.Capture) -> dict[str, Any]:
         "started": _time(c, "start_time"),
         "ended": _time(c, "end_time"),
         "error": c.error,
+        "stopped_by": c.stopped_by,
+        "stopped": _time(c, "stop_time"),
         "targets": targets,
         "history": [
             {"state": _state(h.state), "time": h.time.ToJsonString(), "pod": h.pod, "detail": h.detail}
@@ -106,7 +109,7 @@ def _capture_lines(view: dict[str, Any]) -> Iterator[str]:
         "started",
         "ended",
     ):
-        yield f"{key:>16}: {view[key]}"
+        yield f"{key:>16}: {view[key]}" + (_stopped(view) if key == "duration_seconds" else "")
     limits = ", ".join(f"{name} {value}" for name, value in view["limits"].items() if value)
     yield f"{'limits':>16}: {limits or 'node defaults'}"
     if view["error"]:
@@ -127,6 +130,19 @@ def _capture_lines(view: dict[str, Any]) -> Iterator[str]:
     for h in view["history"]:
         where = h["pod"] or "capture"
         yield (f"  {h['time']}  {where}: {h['state']}" + (f" ({h['detail']})" if h["detail"] else ""))
+
+
+def _stopped(view: dict[str, Any]) -> str:
+    """After the requested duration: who cut it short, and how long it ran."""
+    if not view["stopped_by"]:
+        return ""
+    ran = ""
+    if view["started"] and view["stopped"]:
+        seconds = (
+            datetime.fromisoformat(view["stopped"]) - datetime.fromisoformat(view["started"])
+        ).total_seconds()
+        ran = f" after {max(seconds, 0):.1f} s"
+    return f" requested; stopped by {view['stopped_by']}{ran} (at {view['stopped']})"
 
 
 def print_captures(captures: list[capture_pb2.Capture], as_json: bool) -> None:

@@ -148,9 +148,16 @@ class AccessControl:
         *,
         capture_id: str = "",
         detail: str = "",
+        precondition: Callable[[], None] | None = None,
     ) -> None:
-        """Authorises an audited action and appends the decision; raises Forbidden after recording a denial."""
+        """Authorises an audited action and appends the decision; raises Forbidden after recording a denial.
+
+        `precondition` (the capture's state allows the action, say) runs once the caller is known to be allowed
+        and before the entry is written: a request that it refuses has not acted, so it gets no `allowed` entry
+        (and a caller who may not act learns nothing about the capture's state)."""
         allowed = await self.allows(caller, action, namespace)
+        if allowed and precondition is not None:
+            precondition()
         await self.audit(
             caller,
             audited,

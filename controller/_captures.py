@@ -69,6 +69,8 @@ _AGENT_STATES = {
 _ORDER = [CaptureState.PENDING, CaptureState.RUNNING, CaptureState.UPLOADING]
 _WATCH_POLL_S = 1.0
 _CAPTURE_ID = re.compile(r"[0-9a-f]{32}")
+# What a person may paste instead of a whole id, as with git: a unique prefix.
+_CAPTURE_ID_PREFIX = re.compile(r"[0-9a-f]{4,31}")
 
 
 def roll_up(states: list[CaptureState]) -> CaptureState:
@@ -311,9 +313,19 @@ class Captures:
         return row
 
     async def _get(self, capture_id: str) -> CaptureRow:
-        if not _CAPTURE_ID.fullmatch(capture_id):
+        """The capture by its id or a unique prefix of it (at least 4 hex digits)."""
+        if _CAPTURE_ID_PREFIX.fullmatch(capture_id):
+            matches = await self._tx(lambda repo: repo.ids_starting_with(capture_id, limit=2))
+            if len(matches) > 1:
+                raise InvalidRequest(
+                    f"{capture_id!r} is the start of more than one capture id: give more of it"
+                )
+            capture_id = matches[0] if matches else capture_id
+        elif not _CAPTURE_ID.fullmatch(capture_id):
             # Never echo a long or odd string: the message travels in a gRPC header with a size limit.
-            raise InvalidRequest(f"{capture_id[:40]!r} is not a capture id (32 lower-case hex digits)")
+            raise InvalidRequest(
+                f"{capture_id[:40]!r} is not a capture id (32 lower-case hex digits, or a unique prefix of 4 or more)"
+            )
         row = await self._tx(lambda repo: repo.get(capture_id))
         if row is None:
             raise CaptureNotFound(f"capture {capture_id!r} not found")
@@ -331,10 +343,21 @@ class Captures:
     async def delete(self, capture_id: str, caller: Caller) -> None:
         """Removes the capture's objects and marks its row deleted (kept for the audit trail)."""
         row = await self._get(capture_id)
-        await self._access.check(caller, Action.DELETE, row.namespace, Audited.DELETE, capture_id=capture_id)
+        capture_id = row.id
+
+        def deletable() -> None:
+            if row.state not in TERMINAL_STATES:
+                raise WrongState(f"capture {capture_id} is {row.state.value}; stop it before deleting it")
+
+        await self._access.check(
+            caller,
+            Action.DELETE,
+            row.namespace,
+            Audited.DELETE,
+            capture_id=capture_id,
+            precondition=deletable,
+        )
         requester = caller.principal.name
-        if row.state not in TERMINAL_STATES:
-            raise WrongState(f"capture {capture_id} is {row.state.value}; stop it before deleting it")
         for target in row.targets:
             if target.object_key:
                 await asyncio.to_thread(self._store.delete, target.object_key)
@@ -391,7 +414,7 @@ class Captures:
 
     async def watch(self, capture_id: str, caller: Caller) -> AsyncIterator[CaptureRow]:
         """The capture now and after every change, ending once it is terminal and every summary is in."""
-        await self.get(capture_id, caller)
+        capture_id = (await self.get(capture_id, caller)).id
         last: datetime | None = None
         while True:
             changed = self._changes.event(capture_id)
@@ -405,10 +428,28 @@ class Captures:
                 await asyncio.wait_for(changed.wait(), timeout=_WATCH_POLL_S)
 
     async def stop(self, capture_id: str, caller: Caller) -> CaptureRow:
+        """Ends a capture early; what was captured is kept, and who stopped it when is recorded with it."""
         row = await self._get(capture_id)
-        await self._access.check(caller, Action.STOP, row.namespace, Audited.STOP, capture_id=capture_id)
-        if row.state in TERMINAL_STATES:
-            raise WrongState(f"capture {capture_id} is already {row.state.value}")
+        capture_id = row.id
+
+        def stoppable() -> None:
+            if row.state in TERMINAL_STATES:
+                raise WrongState(f"capture {capture_id} is already {row.state.value}")
+
+        await self._access.check(
+            caller, Action.STOP, row.namespace, Audited.STOP, capture_id=capture_id, precondition=stoppable
+        )
+        stopper = caller.principal.name
+
+        def mark(repo: CaptureRepository) -> None:
+            locked = repo.get_for_update(capture_id)
+            if locked is None or locked.state in TERMINAL_STATES or locked.stopped_at is not None:
+                return
+            now = datetime.now(UTC)
+            locked.stopped_by, locked.stopped_at, locked.updated_at = stopper, now, now
+            _event(locked, None, locked.state, now, f"stop requested by {stopper}")
+
+        await self._tx(mark)
         for target in row.targets:
             if target.state == CaptureState.RUNNING:
                 await self._agents.stop(target.agent_address, _agent_capture_id(row.id, target.index))
@@ -419,21 +460,33 @@ class Captures:
     ) -> tuple[CaptureRow, TargetRow]:
         """The target whose pcap is to be handed out, once the caller is authorised and the decision audited."""
         row = await self._get(capture_id)
+        capture_id = row.id
+
+        def stored() -> None:
+            if not 0 <= index < len(row.targets):
+                raise InvalidRequest(
+                    f"capture {capture_id} has no target {index} (it has {len(row.targets)})"
+                )
+            target = row.targets[index]
+            # A FAILED target may still have stored what it captured before it failed (its pod vanished, say).
+            if not (
+                target.state == CaptureState.COMPLETED
+                or (target.state == CaptureState.FAILED and target.sha256)
+            ):
+                raise WrongState(
+                    f"capture {capture_id} is {target.state.value}; its pcap can be downloaded once COMPLETED"
+                )
+
         await self._access.check(
-            caller, Action.DOWNLOAD, row.namespace, audited, capture_id=capture_id, detail=f"target {index}"
+            caller,
+            Action.DOWNLOAD,
+            row.namespace,
+            audited,
+            capture_id=capture_id,
+            detail=f"target {index}",
+            precondition=stored,
         )
-        if not 0 <= index < len(row.targets):
-            raise InvalidRequest(f"capture {capture_id} has no target {index} (it has {len(row.targets)})")
-        target = row.targets[index]
-        # A FAILED target may still have stored what it captured before it failed (its pod vanished, say).
-        stored = target.state == CaptureState.COMPLETED or (
-            target.state == CaptureState.FAILED and target.sha256
-        )
-        if not stored:
-            raise WrongState(
-                f"capture {capture_id} is {target.state.value}; its pcap can be downloaded once COMPLETED"
-            )
-        return row, target
+        return row, row.targets[index]
 
     async def download_url(self, capture_id: str, index: int, caller: Caller) -> Download:
         row, target = await self._stored_target(capture_id, index, caller, Audited.DOWNLOAD_URL)

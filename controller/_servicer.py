@@ -105,7 +105,7 @@ class CaptureServicer(capture_pb2_grpc.CaptureServiceServicer):
     ) -> capture_pb2.Capture:
         row = await self._captures.get(request.id, await self._caller(context))
         message = capture_message(row)
-        for event in await self._captures.history(request.id):
+        for event in await self._captures.history(row.id):
             target = None if event.target_index is None else row.targets[event.target_index]
             message.history.append(
                 capture_pb2.StateChange(
@@ -210,7 +210,9 @@ def _target_message(target: TargetRow) -> capture_pb2.CaptureTarget:
         start_time=timestamp(target.started_at),
         end_time=timestamp(target.ended_at),
         summary=json_format.Parse(target.summary, common_pb2.CaptureSummary()) if target.summary else None,
-        resolution=json_format.Parse(target.resolution, common_pb2.Resolution()) if target.resolution else None,
+        resolution=json_format.Parse(target.resolution, common_pb2.Resolution())
+        if target.resolution
+        else None,
     )
 
 
@@ -234,4 +236,6 @@ def capture_message(row: CaptureRow) -> capture_pb2.Capture:
         end_time=timestamp(row.ended_at),
         error=row.error,
         targets=[_target_message(t) for t in row.targets],
+        stopped_by=row.stopped_by,
+        stop_time=timestamp(row.stopped_at),
     )

@@ -166,6 +166,9 @@ class CaptureRow(Base):
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # Who ended the capture early with StopCapture, and when they asked.
+    stopped_by: Mapped[str] = _text(String(256))
+    stopped_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
     # ordering_list keeps TargetRow.index equal to the target's position, so callers just append.
     targets: Mapped[list["TargetRow"]] = relationship(

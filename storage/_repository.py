@@ -31,6 +31,11 @@ class CaptureRepository:
     def get(self, capture_id: str) -> CaptureRow | None:
         return self.session.get(CaptureRow, capture_id)
 
+    def ids_starting_with(self, prefix: str, limit: int) -> list[str]:
+        """Up to `limit` capture ids that begin with `prefix` (a person's abbreviation of one)."""
+        query = select(CaptureRow.id).where(CaptureRow.id.startswith(prefix, autoescape=True)).limit(limit)
+        return list(self.session.scalars(query))
+
     def get_for_update(self, capture_id: str) -> CaptureRow | None:
         """The capture, locked until the transaction ends (FOR UPDATE; SQLite holds its write lock anyway)."""
         return self.session.get(CaptureRow, capture_id, with_for_update=True)

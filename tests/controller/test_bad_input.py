@@ -175,7 +175,7 @@ def test_names_that_kubernetes_would_refuse_are_refused(
     assert _stored(engine) == 0
 
 
-@pytest.mark.parametrize("capture_id", ["x" * 100_000, "../etc", "0" * 31, "é" * 32])
+@pytest.mark.parametrize("capture_id", ["x" * 100_000, "../etc", "0" * 33, "abc", "ABCD", "é" * 32])
 def test_malformed_capture_id_is_invalid_argument_and_not_echoed_in_full(
     offline: tuple[capture_pb2_grpc.CaptureServiceStub, str, sa.Engine], capture_id: str
 ) -> None:
@@ -197,6 +197,31 @@ def test_unknown_capture_is_not_found(
     stub, _, _ = offline
     with pytest.raises(grpc.RpcError) as failure:
         stub.GetCapture(capture_pb2.GetCaptureRequest(id="0" * 32), timeout=10)
+    assert failure.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_capture_id_prefix_finds_its_capture_when_unique_and_is_refused_when_not(
+    offline: tuple[capture_pb2_grpc.CaptureServiceStub, str, sa.Engine],
+) -> None:
+    stub, _, engine = offline
+    ids = ["abcd" + "0" * 27 + "1", "abcd" + "0" * 27 + "2", "abce" + "0" * 28]
+    with engine.begin() as conn:
+        for capture_id in ids:
+            conn.execute(
+                sa.text(
+                    "INSERT INTO captures (id, requester, namespace, duration_ms, state, created_at, updated_at) "
+                    "VALUES (:id, 'alice', 'shop', 5000, 'COMPLETED', '2026-12-07 00:00:00', '2026-12-07 00:00:00')"
+                ),
+                {"id": capture_id},
+            )
+    for prefix, expected in (("abce", ids[2]), ("abcd" + "0" * 27 + "2", ids[1]), (ids[0], ids[0])):
+        assert stub.GetCapture(capture_pb2.GetCaptureRequest(id=prefix), timeout=10).id == expected
+    with pytest.raises(grpc.RpcError) as failure:
+        stub.GetCapture(capture_pb2.GetCaptureRequest(id="abcd"), timeout=10)
+    assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "start of more than one capture id" in (failure.value.details() or "")
+    with pytest.raises(grpc.RpcError) as failure:
+        stub.GetCapture(capture_pb2.GetCaptureRequest(id="abcf"), timeout=10)
     assert failure.value.code() == grpc.StatusCode.NOT_FOUND
 
 

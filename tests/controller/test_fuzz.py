@@ -55,6 +55,7 @@ FOR_BAD_INPUT = frozenset(
 # body again is a retry, answered with that stored capture.
 CREATE_ANSWERS = FOR_BAD_INPUT | {Code.UNAVAILABLE, Code.OK}
 _CAPTURE_ID = re.compile(r"[0-9a-f]{32}")
+_CAPTURE_ID_PREFIX = re.compile(r"[0-9a-f]{4,31}")
 SETTINGS = settings(
     max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
@@ -252,7 +253,9 @@ def test_list_captures(
 
 
 def _expected_by_id(api: Api, rpc: str, capture_id: str, target: int) -> set[grpc.StatusCode]:
-    if not _CAPTURE_ID.fullmatch(capture_id):
+    if _CAPTURE_ID_PREFIX.fullmatch(capture_id):  # a unique prefix stands for the whole id, as with git
+        capture_id = api.stored_id if api.stored_id.startswith(capture_id) else capture_id
+    elif not _CAPTURE_ID.fullmatch(capture_id):
         return {Code.INVALID_ARGUMENT}
     if capture_id != api.stored_id:
         return {Code.NOT_FOUND}

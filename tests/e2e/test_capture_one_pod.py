@@ -223,14 +223,34 @@ def test_stop_ends_a_long_capture_early_and_keeps_what_was_captured(stack: Stack
     assert started["state"] == "RUNNING"
     assert started["interface"] == server.host_if
     assert lab.http_get(client.netns, f"http://{server.ip}:{HTTP_PORT}/before-stop", timeout=5) == 404
-    stopped = json.loads(_cli(stack, "stop", started["id"], "--wait", "-o", "json"))
-    assert stopped["state"] == "COMPLETED"
+    # A unique prefix of the id is enough, as with git.
+    stopped = json.loads(_cli(stack, "stop", started["id"][:8], "--wait", "-o", "json"))
+    assert stopped["state"] == "COMPLETED" and stopped["id"] == started["id"]
     pcap = tmp_path / "stopped.pcap"
-    _cli(stack, "download", started["id"], "-f", str(pcap))
+    _cli(stack, "download", started["id"][:6], "-f", str(pcap))
     uris = [uri for (uri,) in _tshark(pcap, "http.request.uri") if uri]
     assert uris == ["/before-stop"]
     final = json.loads(_cli(stack, "get", started["id"], "-o", "json"))
     assert final["state"] == "COMPLETED" and final["sha256"] == hashlib.sha256(pcap.read_bytes()).hexdigest()
+    # Recorded as stopped: by whom and when, in the capture and in its history; the text says how long it ran.
+    assert final["stopped_by"] == "anonymous" and final["started"] < final["stopped"] <= final["ended"]
+    assert any(h["detail"] == "stop requested by anonymous" and not h["pod"] for h in final["history"])
+    assert "600.0 requested; stopped by anonymous after" in _cli(stack, "get", started["id"])
+    # Stopping it again is refused before acting: no second `allowed` entry in the audit trail.
+    again = subprocess.run(
+        [PODCAP, "stop", started["id"]],
+        env={**os.environ, "PODCAP_SERVER": stack.server},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert (
+        again.returncode != 0
+        and "FAILED_PRECONDITION" in again.stderr
+        and "already COMPLETED" in again.stderr
+    )
+    assert _audit(stack, started["id"], "stop") == ["allowed"]
 
 
 def test_download_before_completion_is_refused(stack: Stack, tmp_path: Path) -> None:
@@ -246,6 +266,7 @@ def test_download_before_completion_is_refused(stack: Stack, tmp_path: Path) -> 
     assert result.returncode != 0
     assert "FAILED_PRECONDITION" in result.stderr and "RUNNING" in result.stderr
     assert not (tmp_path / "early.pcap").exists() and not (tmp_path / "early.pcap.part").exists()
+    assert _audit(stack, started["id"], "download") == []  # refused before acting: nothing was handed out
     url = subprocess.run(
         [PODCAP, "url", started["id"]],
         env={**os.environ, "PODCAP_SERVER": stack.server},
@@ -308,6 +329,17 @@ def test_downloads_are_verified_and_never_leave_a_partial_file(stack: Stack, tmp
         check=False,
     )
     assert refused_stdout.returncode != 0 and b"discard what was written" in refused_stdout.stderr
+
+
+def _audit(stack: Stack, capture_id: str, action: str) -> list[str]:
+    """The results of the audit entries of one action on one capture, oldest first."""
+    engine = sa.create_engine(stack.db_url)
+    try:
+        with engine.connect() as conn:
+            query = "SELECT result FROM audit_events WHERE capture_id = :id AND action = :action ORDER BY id"
+            return list(conn.execute(sa.text(query), {"id": capture_id, "action": action}).scalars())
+    finally:
+        engine.dispose()
 
 
 def _podcap(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:

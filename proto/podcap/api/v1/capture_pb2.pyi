@@ -359,6 +359,8 @@ class Capture(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     TARGETS_FIELD_NUMBER: _builtins.int
     HISTORY_FIELD_NUMBER: _builtins.int
+    STOPPED_BY_FIELD_NUMBER: _builtins.int
+    STOP_TIME_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     state: _common_pb2.CaptureState.ValueType
     namespace: _builtins.str
@@ -370,6 +372,8 @@ class Capture(_message.Message):
     request_id: _builtins.str
     error: _builtins.str
     """Why the capture FAILED, for a person."""
+    stopped_by: _builtins.str
+    """Who ended the capture early with StopCapture, and when; empty when it ran its course."""
     @_builtins.property
     def duration(self) -> _duration_pb2.Duration: ...
     @_builtins.property
@@ -386,6 +390,8 @@ class Capture(_message.Message):
     def history(self) -> _containers.RepeatedCompositeFieldContainer[Global___StateChange]:
         """Every transition, oldest first (filled by GetCapture only)."""
 
+    @_builtins.property
+    def stop_time(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
         self,
         *,
@@ -406,10 +412,12 @@ class Capture(_message.Message):
         error: _builtins.str = ...,
         targets: _abc.Iterable[Global___CaptureTarget] | None = ...,
         history: _abc.Iterable[Global___StateChange] | None = ...,
+        stopped_by: _builtins.str = ...,
+        stop_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "duration", b"duration", "end_time", b"end_time", "limits", b"limits", "start_time", b"start_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "duration", b"duration", "end_time", b"end_time", "limits", b"limits", "start_time", b"start_time", "stop_time", b"stop_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "duration", b"duration", "end_time", b"end_time", "error", b"error", "filter", b"filter", "history", b"history", "id", b"id", "label_selector", b"label_selector", "limits", b"limits", "namespace", b"namespace", "pod", b"pod", "reason", b"reason", "request_id", b"request_id", "requester", b"requester", "start_time", b"start_time", "state", b"state", "targets", b"targets"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "duration", b"duration", "end_time", b"end_time", "error", b"error", "filter", b"filter", "history", b"history", "id", b"id", "label_selector", b"label_selector", "limits", b"limits", "namespace", b"namespace", "pod", b"pod", "reason", b"reason", "request_id", b"request_id", "requester", b"requester", "start_time", b"start_time", "state", b"state", "stop_time", b"stop_time", "stopped_by", b"stopped_by", "targets", b"targets"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
