@@ -47,7 +47,6 @@ log = logging.getLogger(__name__)
 
 _POLL_S = 0.2
 _NETNS_CHECK_S = 1.0
-_DRAIN_S = 0.1
 
 
 @dataclass
@@ -364,11 +363,7 @@ class CaptureManager:
         finally:
             exited.cancel()
             stopped.cancel()
-        if job.tcpdump.running:
-            # SIGINT makes tcpdump exit without reading what is still queued for it: give packets that arrived
-            # before the stop decision a moment to be written first.
-            await asyncio.sleep(_DRAIN_S)
-        await job.tcpdump.stop()
+        await job.tcpdump.stop()  # after a buffer timeout: what arrived before the stop is in the pcap
         return problem
 
     async def _finish_tcpdump(self, job: CaptureJob) -> tuple[TcpdumpStats, str]:

@@ -17,7 +17,11 @@ import threading
 
 log = logging.getLogger(__name__)
 
-BACKGROUND_NICE = 10  # CFS weight 110 against tcpdump's 1024 at nice 0: about a tenth of a contended core
+# CFS weight 15 against tcpdump's 1024 at nice 0: under contention (TCP bulk fills both cores of a small node)
+# about 1.5% of a core, yet all of an idle one. Nice 10 (weight 110) still took 24-39% of a core from tcpdump's
+# side under TCP bulk (bench/fidelity.py). Not SCHED_IDLE: on a node that is never idle the pcap would never be
+# uploaded.
+BACKGROUND_NICE = 19
 
 _IOPRIO_WHO_PROCESS = 1  # a thread id is a "process" to ioprio_set
 _IOPRIO_CLASS_BE, _IOPRIO_CLASS_SHIFT = 2, 13

@@ -11,7 +11,7 @@ The spool is read once, front to back, in blocks of up to ``read_size`` (1 MiB):
 and cuts it into parts as it passes, and an S3 upload sends a few parts at a time from threads of its own, so
 it keeps up with tcpdump whenever the store can and what is left when tcpdump exits is about the last part.
 The store blocks, so every file read and store call runs in one worker thread per uploader, one at a time,
-at background priority (``lower_this_thread``: nice 10 and the lowest best-effort IO, which the S3 upload's
+at background priority (``lower_this_thread``: nice 19 and the lowest best-effort IO, which the S3 upload's
 part threads inherit): when the node is busy, the tcpdump whose file it reads gets the CPU and the disk
 first. That order is what makes cancellation safe: the abort queued behind a write still in flight runs
 after it, and the S3 upload's abort waits for its parts in flight before aborting, instead of racing them

@@ -155,7 +155,9 @@ def test_sigkill_leaves_no_tcpdump_and_the_next_start_uploads_the_pcap(
     agents.append(agent)
     _start(agent, lab, "kill-1", seconds=600)
     _probe(lab, "/before-sigkill")
-    time.sleep(0.3)  # tcpdump -U writes each packet as it comes; give the last one a moment to reach the file
+    # tcpdump gets packets a ring block at a time, a block at the latest 1 s after it opened (capture-agent/
+    # _tcpdump.py); an end without StopCapture loses a block still open: let the last one be handed over first.
+    time.sleep(1.3)
     agent.signal(signal.SIGKILL)
     deadline = time.monotonic() + 5
     while tcpdumps_writing_into(spool) and time.monotonic() < deadline:
@@ -289,7 +291,9 @@ def test_a_pod_deleted_mid_capture_fails_the_capture_but_keeps_the_pcap(
     agents.append(agent)
     _start(agent, lab, "doomed-1", seconds=600, ip=doomed.ip)
     assert lab.http_get(lab.pods["client"].netns, f"http://{doomed.ip}:{PORT}/last-words", timeout=5) == 404
-    time.sleep(0.3)
+    time.sleep(
+        1.3
+    )  # the ring block holding them handed over to tcpdump (see the SIGKILL test) before the device goes
     lab.delete_pod("doomed")
     capture = wait_for(agent, "doomed-1", {COMPLETED, FAILED}, timeout=30)
     assert capture.state == FAILED

@@ -88,16 +88,16 @@ def _make_room(path: Path) -> None:
 
 
 def test_a_command_line_refused_after_the_spool_entry_exists_leaves_nothing(lab: Lab, tmp_path: Path) -> None:
-    """tcpdump_argv refuses an option-like filter (the servicer refuses it earlier: this is the agent's own
-    last line) after the spool entry was made; the entry goes, so the id is not taken."""
+    """tcpdump_argv refuses a filter with a NUL (the servicer refuses it earlier: this is the agent's own last
+    line) after the spool entry was made; the entry goes, so the id is not taken."""
     lab.http_server(lab.pods["server"].netns, PORT)
     store = tmp_path / "store"
 
     async def scenario(spool: Path) -> CaptureSnapshot:
         manager = _manager(spool, store)
         try:
-            with pytest.raises(InvalidCaptureRequest, match="may not start with '-'"):
-                await manager.start(_spec(lab, "tcp -w /etc/passwd"))
+            with pytest.raises(InvalidCaptureRequest, match="NUL"):
+                await manager.start(_spec(lab, "tcp\x00 -w /etc/passwd"))
             assert await asyncio.to_thread(_leftovers, spool) == ([], [])
             assert manager.all() == []
             return await _capture_traffic(lab, manager, _spec(lab, f"tcp port {PORT}"))

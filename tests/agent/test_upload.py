@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, TypeVar
 import pytest
 
 from podcap.agent._pcapfile import count_pcap_packets
+from podcap.agent._priority import BACKGROUND_NICE
 from podcap.agent._upload import GrowingFileUploader, RetryPolicy
 from podcap.storage import ObjectNotFound, ObjectStore, StoredObject, StoreUnavailable, open_store
 from tests.support.s3 import S3Server
@@ -101,12 +102,12 @@ def _parts(client: S3Client, bucket: str) -> int:
 
 
 def _lowered_threads() -> int:
-    """How many of this process's threads run at nice 10 or more: background work, below tcpdump."""
+    """How many of this process's threads run at the background nice value: below tcpdump."""
     count = 0
     for stat in Path("/proc/self/task").glob("*/stat"):
         with contextlib.suppress(OSError):  # a thread that exited meanwhile
             # The 19th field is the nice value; the command name before it may hold spaces, not ")".
-            count += int(stat.read_text().rpartition(")")[2].split()[16]) >= 10
+            count += int(stat.read_text().rpartition(")")[2].split()[16]) >= BACKGROUND_NICE
     return count
 
 
@@ -407,7 +408,7 @@ def test_s3_parts_go_out_in_parallel_at_background_priority_and_in_order(
         return await task
 
     stored = asyncio.run(main())
-    # The uploader's worker and the four part threads it started all run at nice 10.
+    # The uploader's worker and the four part threads it started all run at the background nice value.
     assert lowered[0] >= 5
     assert relay.most_held == 4  # and never more than four parts (their memory) at once
     _assert_object_is_the_spool(store, stored, spool)
