@@ -496,7 +496,7 @@ def _section(r: _Result, iterations: int, cold: int) -> str:
 From `StartCapture` to tcpdump capturing the pod's traffic (issue 3; target: p50 under 100 ms). A real
 `podcap agent` runs in node-2's netns of the lab, reached from the root namespace through a TCP relay (like the
 controller in the end-to-end tests); it resolves the server pod to `{r.interface}` and starts
-`setpriv … tcpdump … --immediate-mode`. Right after each answer one UDP marker datagram goes from the client pod
+`setpriv … tcpdump -U -B …` (no immediate mode: docs/capture-fidelity.md). Right after each answer one UDP marker datagram goes from the client pod
 (node-1) to the server pod; once it has arrived the capture is stopped and followed to COMPLETED, and tshark then
 looks for the marker in the stored pcap. Machine: {r.machine}.
 
@@ -521,10 +521,10 @@ began: the first probe datagram found in the pcap was sent that long after the r
 live by the time the agent sees the line (to within the {_PROBE_EVERY_S * 1000:g} ms probe interval). The probe
 thread shares the bench process with the relay.
 
-A capture whose tcpdump counted more packets "received by filter" than it captured lost packets at
-`StopCapture`: the agent stops tcpdump with SIGINT, and tcpdump then exits without reading what is still in its
-capture buffer. With the CPUs busy (load ~3.5 from other work) that happened now and then, once to a marker that
-had reached the pod (its capture: "5 received by filter, 4 captured").
+`StopCapture` loses nothing that arrived before it: tcpdump gets the ring a block at a time, a block at the
+latest one libpcap timeout (1 s) after it opened, and SIGINT would drop a block still open, so the agent waits
+that long before it sends SIGINT (docs/capture-fidelity.md). Each stop therefore takes about 1.1 s; the start
+latency measured here does not include it.
 
 The relay sets TCP_NODELAY on both legs. The lab's stock relay (`tests/support/netns.py`) does not, and with it
 Nagle's algorithm meeting delayed ACKs held a gRPC frame back ~40 ms in 3 to 5 of every 30 StartCaptures (warm

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from bench._docs import DOCS, write_section
+from podcap.agent._priority import BACKGROUND_NICE
 
 _HEADING = "## Ready when capture ends"
 _BUCKET = "podcap-bench-upload"
@@ -437,7 +438,7 @@ def _section(
 
 `python -m bench.upload --write-docs` (also part of `make bench`): a {size / 1e6:.0f} MB capture growing at
 {args.rate:.0f} MB/s in 64 KiB writes, followed by the agent's real `GrowingFileUploader` and S3 store (8 MiB parts,
-four in flight, the uploader's threads at nice 10 and lowest best-effort IO), against a plain boto3
+four in flight, the uploader's threads at nice {BACKGROUND_NICE} and lowest best-effort IO), against a plain boto3
 `upload_file` of the finished file (threaded multipart, boto3's defaults, normal priority), each in a child
 process, to a moto server over HTTP on 127.0.0.1; {args.runs} interleaved runs. podcap is timed from the
 capture's end (the last write) to the stored object (`CompleteMultipartUpload` answered: downloadable), boto3
@@ -457,7 +458,7 @@ slower than boto3. {verdict}.
 
 CPU is the child process's (all threads) per GB; podcap's includes following the file while it grows and one
 SHA-256 pass more than boto3 (the object's digest, recorded in SQL), the bytes read once. podcap's uploader
-runs at nice 10 by design (tcpdump first) and the baseline at nice 0, so on a machine busy with other work
+runs at nice {BACKGROUND_NICE} by design (tcpdump first) and the baseline at nice 0, so on a machine busy with other work
 podcap yields and the baseline does not: read the figures with the load average.
 """,
         met,

@@ -247,10 +247,12 @@ class CaptureManager:
             stats, failure = await self._finish_tcpdump(job)
             failure = problem or failure
             ended = datetime.now(UTC)
-            await asyncio.to_thread(
-                job.spool.record_ended, Ended(**asdict(stats), ended_at=ended.isoformat(), error=failure)
+            interruption = _cut_short(job, ended, "the agent shut down") if self._shutting_down else ""
+            record = Ended(
+                **asdict(stats), ended_at=ended.isoformat(), error=failure, interruption=interruption
             )
-            job.update(state=JobState.UPLOADING, stats=stats, ended_at=ended)
+            await asyncio.to_thread(job.spool.record_ended, record)
+            job.update(state=JobState.UPLOADING, stats=stats, ended_at=ended, interruption=interruption)
             writer_done.set()
             await self._finish_upload(job, upload, failure)
         except asyncio.CancelledError:
@@ -392,26 +394,20 @@ class CaptureManager:
             resolution = Resolution(**record["resolution"])
             _end_leftover(record.get("tcpdump_pid"), entry.pcap)
             ended = entry.ended()
+            started_at = datetime.fromisoformat(record["started_at"])
             if ended is None:
-                try:
-                    packets = await asyncio.to_thread(count_pcap_packets, entry.pcap)
-                except (OSError, ValueError) as exc:
-                    log.warning("capture %s: cannot count the spooled packets: %s", spec.capture_id, exc)
-                    packets = 0
-                ended = Ended(packets, packets, 0, datetime.now(UTC).isoformat())
-                note = (
-                    "the agent stopped during the capture; kernel statistics were lost, the packets were kept"
-                )
+                ended = await asyncio.to_thread(_ended_with_the_agent, spec, entry, started_at)
                 entry.record_ended(ended)
-                log.warning("capture %s: %s", spec.capture_id, note)
-            stats = TcpdumpStats(ended.packets, ended.packets_received, ended.kernel_drops)
+                log.warning("capture %s: %s", spec.capture_id, ended.interruption)
+            stats = TcpdumpStats(ended.packets, ended.packets_received, ended.kernel_drops, ended.drops_known)
             snapshot = CaptureSnapshot(
                 spec=spec,
                 state=JobState.UPLOADING,
                 resolution=resolution,
                 stats=stats,
-                started_at=datetime.fromisoformat(record["started_at"]),
+                started_at=started_at,
                 ended_at=datetime.fromisoformat(ended.ended_at),
+                interruption=ended.interruption,
             )
             job = CaptureJob(snapshot=snapshot, spool=entry)
             self._jobs[spec.capture_id] = job
@@ -501,6 +497,40 @@ class CaptureManager:
             log.warning(
                 "%d uploads unfinished at shutdown; the next start uploads them from the spool", len(pending)
             )
+
+
+def _cut_short(job: CaptureJob, ended: datetime, why: str) -> str:
+    """What a person needs to know about a capture that ended before its time, or "" if it ran its course."""
+    spec, started = job.snapshot.spec, job.snapshot.started_at
+    if started is None:
+        return ""
+    ran = (ended - started).total_seconds()
+    if ran >= spec.duration_s:
+        return ""
+    return f"cut short: {why} {ran:.1f} s into this {spec.duration_s:g} s capture; the pcap covers {_span(started, ended)}"
+
+
+def _ended_with_the_agent(spec: CaptureSpec, entry: SpoolEntry, started: datetime) -> Ended:
+    """A capture whose tcpdump ended with an earlier agent (killed or crashed): its packets are counted from the
+    pcap, its end is the pcap's last write, and the kernel's drop count, which only tcpdump knew, is unknown."""
+    try:
+        packets = count_pcap_packets(entry.pcap)
+        last_write = datetime.fromtimestamp(entry.pcap.stat().st_mtime, UTC)
+    except (OSError, ValueError) as exc:
+        log.warning("capture %s: cannot read the spooled pcap: %s", spec.capture_id, exc)
+        packets, last_write = 0, datetime.now(UTC)
+    ended = max(last_write, started)
+    ran = (ended - started).total_seconds()
+    interruption = (
+        f"cut short: the agent stopped (killed or crashed) about {ran:.1f} s into this {spec.duration_s:g} s "
+        f"capture, and tcpdump with it; the pcap covers {_span(started, ended)}; kernel drops unknown "
+        "(tcpdump's statistics ended with it)"
+    )
+    return Ended(packets, packets, 0, ended.isoformat(), drops_known=False, interruption=interruption)
+
+
+def _span(start: datetime, end: datetime) -> str:
+    return f"{start:%Y-%m-%d %H:%M:%S} to {end:%H:%M:%S} UTC"
 
 
 async def _undo_start(capture_id: str, entry: SpoolEntry, tcpdump: Tcpdump | None) -> None:

@@ -65,6 +65,7 @@ class CaptureSnapshot:
     started_at: datetime | None = None
     ended_at: datetime | None = None
     summary: Summary | None = None
+    interruption: str = ""  # why it ended before its time (the agent died or shut down), for a person
 
     @property
     def settled(self) -> bool:

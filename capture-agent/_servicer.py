@@ -170,6 +170,7 @@ def _capture(s: CaptureSnapshot) -> agent_pb2.AgentCapture:
             packets_received=s.stats.packets_received,
             kernel_drops=s.stats.kernel_drops,
             bytes=s.size,
+            kernel_drops_unknown=not s.stats.drops_known,
         ),
         object_key=s.spec.object_key,
         sha256=s.sha256,
@@ -177,6 +178,7 @@ def _capture(s: CaptureSnapshot) -> agent_pb2.AgentCapture:
         start_time=timestamp(s.started_at),
         end_time=timestamp(s.ended_at),
         summary=_summary(s.summary) if s.summary is not None else None,
+        interruption=s.interruption,
     )
 
 

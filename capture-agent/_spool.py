@@ -44,6 +44,9 @@ class Ended:
     kernel_drops: int
     ended_at: str
     error: str = ""
+    drops_known: bool = True
+    # Why the capture ended before its time, when it did (the agent died, or shut down), for a person.
+    interruption: str = ""
 
 
 class SpoolEntry:

@@ -29,7 +29,8 @@ _STATS = {
     "kernel_drops": re.compile(rb"^(\d+) packets? dropped by kernel", re.M),
 }
 _LISTENING = b"listening on "
-_START_TIMEOUT_S = 10.0
+_START_TIMEOUT_S = 10.0  # without CPU progress before "listening on" (see Tcpdump._until_started)
+_START_LIMIT_S = 120.0
 _STOP_TIMEOUT_S = 10.0
 # tcpdump's libpcap timeout (tcpdump sets 1000 ms): outside immediate mode the kernel hands a ring block over once
 # it is full or that long after it was opened. SIGINT ends tcpdump without reading a block still open, so `stop()`
@@ -58,17 +59,28 @@ _LAUNCH_CAPS = {
 
 @dataclass(frozen=True)
 class TcpdumpStats:
-    """tcpdump's closing statistics."""
+    """tcpdump's closing statistics; without them (tcpdump ended with the agent) the packets are counted from the
+    pcap and the kernel's drops are unknown, not 0."""
 
     packets: int = 0
     packets_received: int = 0
     kernel_drops: int = 0
+    drops_known: bool = True
+
+
+def _cpu_ticks(pid: int) -> int:
+    """utime + stime of a process, in clock ticks (0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return 0
+    return int(fields[11]) + int(fields[12])
 
 
 def parse_stats(stderr: bytes) -> TcpdumpStats:
     """Reads the three counters tcpdump prints on exit; a missing line counts as zero."""
     values = {name: int(m.group(1)) if (m := rx.search(stderr)) else 0 for name, rx in _STATS.items()}
-    return TcpdumpStats(**values)
+    return TcpdumpStats(values["packets"], values["packets_received"], values["kernel_drops"])
 
 
 def tcpdump_argv(
@@ -152,9 +164,7 @@ class Tcpdump:
         listening = asyncio.create_task(tcpdump._listening.wait())
         exited = asyncio.create_task(process.wait())
         try:
-            await asyncio.wait(
-                {listening, exited}, timeout=_START_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED
-            )
+            await tcpdump._until_started(listening, exited)
         except BaseException:
             await tcpdump.kill()
             raise
@@ -168,6 +178,27 @@ class Tcpdump:
         if "syntax error" in message or "can't parse filter" in message:
             raise InvalidCaptureRequest(f"the filter does not compile: {message}")
         raise CaptureError(f"tcpdump failed to start: {message}")
+
+    async def _until_started(self, listening: asyncio.Task[bool], exited: asyncio.Task[int]) -> None:
+        """Waits until tcpdump listens or exits, for as long as it is working towards it.
+
+        Before "listening on" tcpdump compiles the filter, which takes seconds for some 4 KiB filters and many
+        more on a loaded node. So the limit is on time without progress: a tcpdump that has used no CPU for
+        _START_TIMEOUT_S is stuck; one that is still compiling gets up to _START_LIMIT_S in all."""
+        loop = asyncio.get_running_loop()
+        began = idle_since = loop.time()
+        cpu = _cpu_ticks(self._process.pid)
+        while loop.time() - began < _START_LIMIT_S:
+            done, _ = await asyncio.wait(
+                {listening, exited}, timeout=1.0, return_when=asyncio.FIRST_COMPLETED
+            )
+            if done:
+                return
+            now, used = loop.time(), _cpu_ticks(self._process.pid)
+            if used > cpu:
+                cpu, idle_since = used, now
+            elif now - idle_since >= _START_TIMEOUT_S:
+                return
 
     async def _read_stderr(self) -> None:
         stream = self._process.stderr

@@ -54,13 +54,17 @@ class Progress:
         if capture.state not in TERMINAL:
             return
         drops = sum(t.stats.kernel_drops for t in capture.targets)
-        if drops and not self._warned:
+        if not self._warned:
             self._warned = True
-            print(
-                f"warning: the kernel dropped {drops} packets that matched the filter ({packets} captured); "
-                "capture again with a larger --buffer-size (e.g. 128M) or a narrower --filter",
-                file=sys.stderr,
-            )
+            for t in capture.targets:
+                if t.interruption:
+                    print(f"warning: {t.namespace}/{t.pod}: {t.interruption}", file=sys.stderr)
+            if drops:
+                print(
+                    f"warning: the kernel dropped {drops} packets that matched the filter ({packets} captured); "
+                    "capture again with a larger --buffer-size (e.g. 128M) or a narrower --filter",
+                    file=sys.stderr,
+                )
         pending = any(
             t.HasField("summary") and t.summary.state == common_pb2.SUMMARY_STATE_PENDING
             for t in capture.targets

@@ -35,7 +35,8 @@ def _target(t: capture_pb2.CaptureTarget) -> dict[str, Any]:
         "state": _state(t.state),
         "packets": t.stats.packets,
         "packets_received": t.stats.packets_received,
-        "drops": t.stats.kernel_drops,
+        "drops": None if t.stats.kernel_drops_unknown else t.stats.kernel_drops,  # None: unknown, not 0
+        "interruption": t.interruption,
         "bytes": t.stats.bytes,
         "object_key": t.object_key,
         "sha256": t.sha256,
@@ -71,7 +72,7 @@ def capture_dict(c: capture_pb2.Capture) -> dict[str, Any]:
             "buffer_size": c.limits.buffer_size,
         },
         "packets": sum(t["packets"] for t in targets),
-        "drops": sum(t["drops"] for t in targets),
+        "drops": None if any(t["drops"] is None for t in targets) else sum(t["drops"] for t in targets),
         "bytes": sum(t["bytes"] for t in targets),
         "sha256": one["sha256"] if one else "",
         "object_key": one["object_key"] if one else "",
@@ -120,7 +121,10 @@ def _capture_lines(view: dict[str, Any]) -> Iterator[str]:
         )
         if t["resolution"]:
             yield _resolution_line(t["resolution"])
-        yield f"      packets {t['packets']}, kernel drops {t['drops']}, {t['bytes']} bytes"
+        drops = "unknown" if t["drops"] is None else t["drops"]
+        yield f"      packets {t['packets']}, kernel drops {drops}, {t['bytes']} bytes"
+        if t["interruption"]:
+            yield f"      {t['interruption']}"
         if t["sha256"]:
             yield f"      sha256 {t['sha256']}  ({t['object_key']})"
         if t["error"]:

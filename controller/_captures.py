@@ -68,6 +68,10 @@ _AGENT_STATES = {
 }
 _ORDER = [CaptureState.PENDING, CaptureState.RUNNING, CaptureState.UPLOADING]
 _WATCH_POLL_S = 1.0
+# A target FAILED for a lost agent is still followed, slowly, this long after: an agent that comes back uploads the
+# pcap from its spool, and nothing a node captured may be lost track of.
+_LATE_RESULT_WINDOW = timedelta(days=1)
+_LOST_AGENT_RETRY_S = 30.0
 _CAPTURE_ID = re.compile(r"[0-9a-f]{32}")
 # What a person may paste instead of a whole id, as with git: a unique prefix.
 _CAPTURE_ID_PREFIX = re.compile(r"[0-9a-f]{4,31}")
@@ -585,7 +589,7 @@ class Captures:
         answered, and SQL transactions are what a burst of creates queues for (bench/burst.py)."""
         loop = asyncio.get_running_loop()
         give_up_at = loop.time() + self._settings.agent_lost_after.total_seconds()
-        delay = 0.2
+        delay, longest = 0.2, 5.0
         restarted = False
         while True:
             try:
@@ -606,15 +610,22 @@ class Captures:
                 return
             except Unavailable as exc:
                 if loop.time() >= give_up_at:
-                    await self._record_failure(capture_id, index, f"{exc}; gave up waiting for it")
-                    return
-                log.warning("capture %s: %s; retrying", capture_id, exc)
+                    # FAILED now, for whoever waits; still listening, slowly, for what the agent stored meanwhile.
+                    if not await self._record_failure(
+                        capture_id, index, f"{exc}; gave up waiting for it", lost=True
+                    ):
+                        return
+                    longest = min(
+                        _LOST_AGENT_RETRY_S, max(5.0, self._settings.agent_lost_after.total_seconds())
+                    )
+                else:
+                    log.warning("capture %s: %s; retrying", capture_id, exc)
             except Exception:
                 log.exception("capture %s: following the agent failed", capture_id)
                 await self._record_failure(capture_id, index, "the controller failed to follow the agent")
                 return
             await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
+            delay = min(delay * 2, longest)
 
     async def _restart_pending(self, capture_id: str, index: int) -> bool:
         """Starts a target that is still PENDING (its StartCapture died with a controller); True if it started."""
@@ -643,10 +654,12 @@ class Captures:
                 return True
             target = row.targets[index]
             if target.state in TERMINAL_STATES:
-                if target.summary_pending and report.HasField("summary"):
+                if target.awaiting_agent:
+                    _record_late_result(row, target, report)
+                elif target.summary_pending and report.HasField("summary"):
                     _record_summary(target, report.summary)
                     row.updated_at = datetime.now(UTC)
-                return not target.summary_pending
+                return not (target.summary_pending or target.awaiting_agent)
             now = datetime.now(UTC)
             state = _AGENT_STATES.get(report.state, target.state)
             if state != target.state:
@@ -658,9 +671,11 @@ class Captures:
             target.packets = report.stats.packets
             target.packets_received = report.stats.packets_received
             target.kernel_drops = report.stats.kernel_drops
+            target.drops_unknown = report.stats.kernel_drops_unknown
             target.bytes = report.stats.bytes
             target.sha256 = report.sha256
             target.error = report.error
+            target.interruption = report.interruption
             if report.HasField("summary"):
                 _record_summary(target, report.summary)
             if report.HasField("start_time"):
@@ -674,27 +689,74 @@ class Captures:
         self._changes.notify(capture_id)
         return done
 
-    async def _record_failure(self, capture_id: str, index: int, error: str) -> None:
-        def write(repo: CaptureRepository) -> None:
+    async def _record_failure(self, capture_id: str, index: int, error: str, *, lost: bool = False) -> bool:
+        """Fails the target (a terminal one keeps its state and figures); True while it still waits for a late
+        result from its agent: with `lost`, the agent was unreachable for too long, but an agent that comes back
+        will upload what it captured, and that result is taken (`_record_late_result`), for a day."""
+
+        def write(repo: CaptureRepository) -> bool:
             row = repo.get_for_update(capture_id)
             if row is None:
-                return
+                return False
             now = datetime.now(UTC)
             target = row.targets[index]
-            if target.state in TERMINAL_STATES:
-                if target.summary_pending:  # stored, but its summary will not come: say so rather than wait
-                    summary = json_format.Parse(target.summary, common_pb2.CaptureSummary())
-                    summary.state = common_pb2.SUMMARY_STATE_INCOMPLETE
-                    summary.error = f"no summary: {error}"
-                    _record_summary(target, summary)
-                    row.updated_at = now
-                return
-            target.state, target.error, target.ended_at = CaptureState.FAILED, error, now
-            _event(row, target, CaptureState.FAILED, now, error)
-            _roll_up(row, now)
+            if target.state not in TERMINAL_STATES:
+                target.state, target.error, target.ended_at = CaptureState.FAILED, error, now
+                target.awaiting_agent = lost
+                _event(row, target, CaptureState.FAILED, now, error)
+                _roll_up(row, now)
+                return lost
+            if target.awaiting_agent:
+                ended = target.ended_at or now
+                if lost and now - ended < _LATE_RESULT_WINDOW:
+                    return True
+                target.awaiting_agent = False
+                why = error if not lost else f"no word from the agent in {_LATE_RESULT_WINDOW}"
+                _event(row, target, target.state, now, f"no late result: {why}")
+                row.updated_at = now
+            elif target.summary_pending:  # stored, but its summary will not come: say so rather than wait
+                summary = json_format.Parse(target.summary, common_pb2.CaptureSummary())
+                summary.state = common_pb2.SUMMARY_STATE_INCOMPLETE
+                summary.error = f"no summary: {error}"
+                _record_summary(target, summary)
+                row.updated_at = now
+            return False
 
-        await self._tx(write)
+        waiting = await self._tx(write)
         self._changes.notify(capture_id)
+        return waiting
+
+
+def _record_late_result(row: CaptureRow, target: TargetRow, report: AgentCapture) -> None:
+    """The agent of a target FAILED as lost came back: once it has finished, what it stored becomes the target's
+    pcap (downloadable; the state stays FAILED, as terminal states are final), in its history."""
+    if _AGENT_STATES.get(report.state) not in TERMINAL_STATES:
+        return  # still uploading from its spool: wait for the end
+    now = datetime.now(UTC)
+    target.awaiting_agent = False
+    if report.sha256:
+        target.packets, target.packets_received = report.stats.packets, report.stats.packets_received
+        target.kernel_drops, target.drops_unknown = (
+            report.stats.kernel_drops,
+            report.stats.kernel_drops_unknown,
+        )
+        target.bytes, target.sha256, target.interruption = (
+            report.stats.bytes,
+            report.sha256,
+            report.interruption,
+        )
+        if report.HasField("summary"):
+            _record_summary(target, report.summary)
+        detail = (
+            f"late result: the agent came back and stored the pcap ({report.stats.packets} packets, "
+            f"{report.stats.bytes} bytes); it can be downloaded"
+        )
+    else:
+        detail = f"late result: the agent came back but stored nothing ({report.error or 'no reason given'})"
+    target.error = f"{target.error}; {detail}" if target.error else detail
+    _event(row, target, target.state, now, detail)
+    row.error = _capture_error(row)
+    row.updated_at = now
 
 
 def _record_summary(target: TargetRow, summary: common_pb2.CaptureSummary) -> None:
@@ -729,7 +791,11 @@ def _roll_up(row: CaptureRow, now: datetime) -> None:
         row.started_at = min(starts)
     if row.state in TERMINAL_STATES:
         row.ended_at = now
-        row.error = "; ".join(f"{t.namespace}/{t.pod}: {t.error}" for t in row.targets if t.error)
+        row.error = _capture_error(row)
+
+
+def _capture_error(row: CaptureRow) -> str:
+    return "; ".join(f"{t.namespace}/{t.pod}: {t.error}" for t in row.targets if t.error)
 
 
 def _check_capturable(pod: Pod, request: CaptureRequest) -> None:

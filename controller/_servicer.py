@@ -203,6 +203,7 @@ def _target_message(target: TargetRow) -> capture_pb2.CaptureTarget:
             packets_received=target.packets_received,
             kernel_drops=target.kernel_drops,
             bytes=target.bytes,
+            kernel_drops_unknown=target.drops_unknown,
         ),
         object_key=target.object_key,
         sha256=target.sha256,
@@ -213,6 +214,7 @@ def _target_message(target: TargetRow) -> capture_pb2.CaptureTarget:
         resolution=json_format.Parse(target.resolution, common_pb2.Resolution())
         if target.resolution
         else None,
+        interruption=target.interruption,
     )
 
 

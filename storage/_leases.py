@@ -12,8 +12,8 @@ from sqlalchemy.orm import Session
 
 from ._models import TERMINAL_STATES, TargetRow
 
-# A target is followed until it is terminal and its summary is in.
-_FOLLOWED = or_(TargetRow.state.not_in(TERMINAL_STATES), TargetRow.summary_pending)
+# A target is followed until it is terminal and its summary is in, and while a lost agent may still report.
+_FOLLOWED = or_(TargetRow.state.not_in(TERMINAL_STATES), TargetRow.summary_pending, TargetRow.awaiting_agent)
 
 
 @dataclass(frozen=True)

@@ -207,7 +207,11 @@ class TargetRow(Base):
     packets: Mapped[int] = _count()
     packets_received: Mapped[int] = _count()
     kernel_drops: Mapped[int] = _count()
+    # tcpdump's statistics were lost with a killed agent: kernel_drops is unknown, not 0.
+    drops_unknown: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     bytes: Mapped[int] = _count()
+    # Why the capture ended before its time on this pod (its agent killed or shut down), for a person.
+    interruption: Mapped[str] = _text()
     object_key: Mapped[str] = _text()
     sha256: Mapped[str] = _text(String(64))
     error: Mapped[str] = _text()
@@ -222,6 +226,8 @@ class TargetRow(Base):
     summary: Mapped[str] = _text()  # JSON (protobuf JSON of CaptureSummary) of what is inside the pcap
     # A terminal target is still followed while its agent makes the summary (the pcap is downloadable already).
     summary_pending: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # FAILED because its agent stayed unreachable, and still followed: an agent that comes back uploads the pcap.
+    awaiting_agent: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
     def __repr__(self) -> str:
         return f"<TargetRow {self.capture_id}[{self.index}] {self.namespace}/{self.pod} {self.state}>"

@@ -15,7 +15,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
@@ -158,6 +158,7 @@ def test_sigkill_leaves_no_tcpdump_and_the_next_start_uploads_the_pcap(
     # tcpdump gets packets a ring block at a time, a block at the latest 1 s after it opened (capture-agent/
     # _tcpdump.py); an end without StopCapture loses a block still open: let the last one be handed over first.
     time.sleep(1.3)
+    killed_at = datetime.now(UTC)
     agent.signal(signal.SIGKILL)
     deadline = time.monotonic() + 5
     while tcpdumps_writing_into(spool) and time.monotonic() < deadline:
@@ -171,6 +172,13 @@ def test_sigkill_leaves_no_tcpdump_and_the_next_start_uploads_the_pcap(
     _assert_stored(capture, data)
     assert _uris(data, tmp_path) == ["/before-sigkill"]
     assert capture.stats.packets >= 4  # the handshake and the request at least, counted from the pcap
+    # Said as it is: cut short, when and over what span, and drops unknown rather than 0.
+    assert capture.stats.kernel_drops_unknown and capture.stats.kernel_drops == 0
+    assert capture.interruption.startswith("cut short: the agent stopped (killed or crashed) about ")
+    assert "s into this 600 s capture, and tcpdump with it; the pcap covers " in capture.interruption
+    assert "kernel drops unknown" in capture.interruption
+    ended = capture.end_time.ToDatetime(UTC)
+    assert capture.start_time.ToDatetime(UTC) < ended <= killed_at  # the pcap's last write, not the restart
     assert list(spool.iterdir()) == []
 
 

@@ -60,8 +60,7 @@ async def _capture_traffic(lab: Lab, manager: CaptureManager, spec: CaptureSpec)
     assert (await manager.start(spec)).state == JobState.RUNNING
     url = f"http://{lab.pods['server'].ip}:{PORT}/hello.txt"
     assert await asyncio.to_thread(lab.http_get, lab.pods["client"].netns, url) == 200
-    await asyncio.sleep(0.2)  # tcpdump -U writes each packet as it comes; let the last one reach the file
-    await manager.stop(spec.capture_id)
+    await manager.stop(spec.capture_id)  # it waits for the ring block holding the request to be handed over
     async with asyncio.timeout(60):
         async for snapshot in manager.watch(spec.capture_id):
             last = snapshot

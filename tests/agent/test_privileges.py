@@ -276,7 +276,7 @@ def test_the_manifests_capabilities_are_enough_for_a_whole_capture(node_lab: Lab
         # A capture cut short by SIGKILL is recovered from the spool by the next, equally confined, agent.
         _start(agent, node_lab, "whole-2")
         _probe(node_lab, "/confined-2")
-        time.sleep(0.3)  # tcpdump -U writes each packet as it comes; let the last one reach the file
+        time.sleep(1.3)  # its ring block handed over to tcpdump: a SIGKILL loses a block still open
         agent.signal(signal.SIGKILL)
         deadline = time.monotonic() + 5
         while tcpdumps_writing_into(spool) and time.monotonic() < deadline:

@@ -219,3 +219,56 @@ def test_capture_whose_agent_is_gone_fails_with_the_reason(rig: Rig) -> None:
     final = rig.wait_for(started["id"], {"COMPLETED", "FAILED"}, timeout=60)
     assert final["state"] == "FAILED"
     assert "unreachable" in str(final["error"]) and "gave up" in str(final["error"])
+
+
+def test_an_agent_back_after_its_capture_failed_still_delivers_the_pcap(rig: Rig, tmp_path: Path) -> None:
+    """Past --agent-lost-after the target is FAILED (whoever waits is told); when the agent comes back and uploads
+    the capture from its spool, that late result reaches the capture: the pcap is downloadable, its figures and
+    sha256 are in SQL, and the history says what happened."""
+    started = json.loads(
+        rig.cli(
+            "capture", "shop/server", "--filter", f"tcp port {PORT}", "--duration", "10m", "-o", "json"
+        ).stdout
+    )
+    _probe(rig, "/before-the-agent-died")
+    time.sleep(1.3)  # the ring block holding it handed over to tcpdump before tcpdump is ended with the agent
+    rig.agent.signal(signal.SIGKILL)
+    failed = rig.wait_for(started["id"], {"COMPLETED", "FAILED"}, timeout=60)
+    assert failed["state"] == "FAILED" and "gave up" in str(failed["error"]) and not failed["sha256"]
+
+    rig.agent.start()
+    deadline = time.monotonic() + 60
+    while not (late := rig.get(started["id"]))["sha256"]:
+        assert time.monotonic() < deadline, f"no late result:\n{rig.controller.log()[-3000:]}"
+        time.sleep(0.5)
+    assert late["state"] == "FAILED"  # terminal states are final; the late result is added to it
+    data, uris = _downloaded(rig, started["id"], tmp_path)
+    assert uris == ["/before-the-agent-died"]
+    assert late["sha256"] == hashlib.sha256(data).hexdigest() and late["bytes"] == len(data)
+    assert "late result: the agent came back and stored the pcap" in str(late["error"])
+    history = [h["detail"] for h in late["history"] if h["pod"] == "shop/server"]  # type: ignore[union-attr]
+    assert any(str(d).startswith("late result: the agent came back") for d in history), history
+
+
+def test_a_capture_cut_short_by_a_killed_agent_says_so(rig: Rig, tmp_path: Path) -> None:
+    """A 20 s capture whose agent is SIGKILLed a few seconds in: the pcap is kept and stored, but the capture
+    says it was cut short (when, over what span) and that the kernel's drops are unknown, not 0."""
+    started = json.loads(
+        rig.cli(
+            "capture", "shop/server", "--filter", f"tcp port {PORT}", "--duration", "20s", "-o", "json"
+        ).stdout
+    )
+    _probe(rig, "/before-the-kill")
+    time.sleep(1.3)  # the ring block holding it handed over to tcpdump
+    rig.agent.signal(signal.SIGKILL)
+    rig.agent.start()  # back before --agent-lost-after: the capture is followed through
+    final = rig.wait_for(started["id"], {"COMPLETED", "FAILED"}, timeout=60)
+    assert final["state"] == "COMPLETED", final["error"]
+    (target,) = final["targets"]  # type: ignore[misc]
+    assert final["drops"] is None and target["drops"] is None
+    assert str(target["interruption"]).startswith("cut short: the agent stopped (killed or crashed) about ")
+    assert "into this 20 s capture" in str(target["interruption"])
+    shown = rig.cli("get", started["id"]).stdout
+    assert "kernel drops unknown" in shown and "cut short: the agent stopped" in shown
+    _, uris = _downloaded(rig, started["id"], tmp_path)
+    assert uris == ["/before-the-kill"]

@@ -129,11 +129,14 @@ class AgentCapture(_message.Message):
     START_TIME_FIELD_NUMBER: _builtins.int
     END_TIME_FIELD_NUMBER: _builtins.int
     SUMMARY_FIELD_NUMBER: _builtins.int
+    INTERRUPTION_FIELD_NUMBER: _builtins.int
     capture_id: _builtins.str
     state: _common_pb2.CaptureState.ValueType
     object_key: _builtins.str
     sha256: _builtins.str
     error: _builtins.str
+    interruption: _builtins.str
+    """Why the capture ended before its time (the agent was killed or shut down), when it did; for a person."""
     @_builtins.property
     def resolution(self) -> _common_pb2.Resolution: ...
     @_builtins.property
@@ -159,10 +162,11 @@ class AgentCapture(_message.Message):
         start_time: _timestamp_pb2.Timestamp | None = ...,
         end_time: _timestamp_pb2.Timestamp | None = ...,
         summary: _common_pb2.CaptureSummary | None = ...,
+        interruption: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "resolution", b"resolution", "start_time", b"start_time", "stats", b"stats", "summary", b"summary"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capture_id", b"capture_id", "end_time", b"end_time", "error", b"error", "object_key", b"object_key", "resolution", b"resolution", "sha256", b"sha256", "start_time", b"start_time", "state", b"state", "stats", b"stats", "summary", b"summary"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capture_id", b"capture_id", "end_time", b"end_time", "error", b"error", "interruption", b"interruption", "object_key", b"object_key", "resolution", b"resolution", "sha256", b"sha256", "start_time", b"start_time", "state", b"state", "stats", b"stats", "summary", b"summary"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -475,6 +475,7 @@ class CaptureTarget(_message.Message):
     END_TIME_FIELD_NUMBER: _builtins.int
     SUMMARY_FIELD_NUMBER: _builtins.int
     RESOLUTION_FIELD_NUMBER: _builtins.int
+    INTERRUPTION_FIELD_NUMBER: _builtins.int
     namespace: _builtins.str
     pod: _builtins.str
     node: _builtins.str
@@ -486,6 +487,10 @@ class CaptureTarget(_message.Message):
     sha256: _builtins.str
     """Hex sha256 of the uploaded pcap."""
     error: _builtins.str
+    interruption: _builtins.str
+    """Why the capture ended before its time on this pod (its agent was killed or shut down): when, why, and the
+    time span the pcap covers. Empty when it ran its course or was stopped (see Capture.stopped_by).
+    """
     @_builtins.property
     def stats(self) -> _common_pb2.CaptureStats: ...
     @_builtins.property
@@ -517,10 +522,11 @@ class CaptureTarget(_message.Message):
         end_time: _timestamp_pb2.Timestamp | None = ...,
         summary: _common_pb2.CaptureSummary | None = ...,
         resolution: _common_pb2.Resolution | None = ...,
+        interruption: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "resolution", b"resolution", "start_time", b"start_time", "stats", b"stats", "summary", b"summary"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "error", b"error", "interface", b"interface", "namespace", b"namespace", "node", b"node", "object_key", b"object_key", "pod", b"pod", "pod_ip", b"pod_ip", "resolution", b"resolution", "sha256", b"sha256", "start_time", b"start_time", "state", b"state", "stats", b"stats", "summary", b"summary"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "error", b"error", "interface", b"interface", "interruption", b"interruption", "namespace", b"namespace", "node", b"node", "object_key", b"object_key", "pod", b"pod", "pod_ip", b"pod_ip", "resolution", b"resolution", "sha256", b"sha256", "start_time", b"start_time", "state", b"state", "stats", b"stats", "summary", b"summary"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

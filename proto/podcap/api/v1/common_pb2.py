@@ -25,27 +25,27 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1apodcap/api/v1/common.proto\x12\rpodcap.api.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"]\n\rCaptureLimits\x12\x13\n\x0bmax_packets\x18\x01 \x01(\x03\x12\x11\n\tmax_bytes\x18\x02 \x01(\x03\x12\x0f\n\x07snaplen\x18\x03 \x01(\x05\x12\x13\n\x0b\x62uffer_size\x18\x04 \x01(\x03\"^\n\x0c\x43\x61ptureStats\x12\x0f\n\x07packets\x18\x01 \x01(\x03\x12\x18\n\x10packets_received\x18\x02 \x01(\x03\x12\x14\n\x0ckernel_drops\x18\x03 \x01(\x03\x12\r\n\x05\x62ytes\x18\x04 \x01(\x03\"\x82\x03\n\x0e\x43\x61ptureSummary\x12\x0f\n\x07packets\x18\x01 \x01(\x03\x12\r\n\x05\x62ytes\x18\x02 \x01(\x03\x12\x35\n\x11\x66irst_packet_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x10last_packet_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\tprotocols\x18\x05 \x03(\x0b\x32\x1c.podcap.api.v1.ProtocolCount\x12\x32\n\rconversations\x18\x06 \x03(\x0b\x32\x1b.podcap.api.v1.Conversation\x12\x12\n\ntcp_resets\x18\x07 \x01(\x03\x12\x1b\n\x13tcp_retransmissions\x18\x08 \x01(\x03\x12\x12\n\ndns_errors\x18\t \x01(\x03\x12\r\n\x05\x65rror\x18\n \x01(\t\x12*\n\x05state\x18\x0b \x01(\x0e\x32\x1b.podcap.api.v1.SummaryState\"@\n\rProtocolCount\x12\x10\n\x08protocol\x18\x01 \x01(\t\x12\x0e\n\x06\x66rames\x18\x02 \x01(\x03\x12\r\n\x05\x62ytes\x18\x03 \x01(\x03\"g\n\x0c\x43onversation\x12\x10\n\x08protocol\x18\x01 \x01(\t\x12\x12\n\nendpoint_a\x18\x02 \x01(\t\x12\x12\n\nendpoint_b\x18\x03 \x01(\t\x12\x0e\n\x06\x66rames\x18\x04 \x01(\x03\x12\r\n\x05\x62ytes\x18\x05 \x01(\x03\"\xb0\x01\n\nResolution\x12\x11\n\tinterface\x18\x01 \x01(\t\x12\x0f\n\x07ifindex\x18\x02 \x01(\x05\x12\x10\n\x08strategy\x18\x03 \x01(\t\x12\r\n\x05netns\x18\x04 \x01(\t\x12\x15\n\rpod_interface\x18\x05 \x01(\t\x12\x13\n\x0bpod_ifindex\x18\x06 \x01(\x05\x12\x0f\n\x07pod_mac\x18\x07 \x01(\t\x12\x0e\n\x06pod_ip\x18\x08 \x01(\t\x12\x10\n\x08host_mac\x18\t \x01(\t*\xd4\x01\n\x0c\x43\x61ptureState\x12\x1d\n\x19\x43\x41PTURE_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15\x43\x41PTURE_STATE_PENDING\x10\x01\x12\x19\n\x15\x43\x41PTURE_STATE_RUNNING\x10\x02\x12\x1b\n\x17\x43\x41PTURE_STATE_UPLOADING\x10\x03\x12\x1b\n\x17\x43\x41PTURE_STATE_COMPLETED\x10\x04\x12\x18\n\x14\x43\x41PTURE_STATE_FAILED\x10\x05\x12\x1b\n\x17\x43\x41PTURE_STATE_CANCELLED\x10\x06*\x7f\n\x0cSummaryState\x12\x1d\n\x19SUMMARY_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15SUMMARY_STATE_PENDING\x10\x01\x12\x17\n\x13SUMMARY_STATE_READY\x10\x02\x12\x1c\n\x18SUMMARY_STATE_INCOMPLETE\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1apodcap/api/v1/common.proto\x12\rpodcap.api.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"]\n\rCaptureLimits\x12\x13\n\x0bmax_packets\x18\x01 \x01(\x03\x12\x11\n\tmax_bytes\x18\x02 \x01(\x03\x12\x0f\n\x07snaplen\x18\x03 \x01(\x05\x12\x13\n\x0b\x62uffer_size\x18\x04 \x01(\x03\"|\n\x0c\x43\x61ptureStats\x12\x0f\n\x07packets\x18\x01 \x01(\x03\x12\x18\n\x10packets_received\x18\x02 \x01(\x03\x12\x14\n\x0ckernel_drops\x18\x03 \x01(\x03\x12\r\n\x05\x62ytes\x18\x04 \x01(\x03\x12\x1c\n\x14kernel_drops_unknown\x18\x05 \x01(\x08\"\x82\x03\n\x0e\x43\x61ptureSummary\x12\x0f\n\x07packets\x18\x01 \x01(\x03\x12\r\n\x05\x62ytes\x18\x02 \x01(\x03\x12\x35\n\x11\x66irst_packet_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x10last_packet_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\tprotocols\x18\x05 \x03(\x0b\x32\x1c.podcap.api.v1.ProtocolCount\x12\x32\n\rconversations\x18\x06 \x03(\x0b\x32\x1b.podcap.api.v1.Conversation\x12\x12\n\ntcp_resets\x18\x07 \x01(\x03\x12\x1b\n\x13tcp_retransmissions\x18\x08 \x01(\x03\x12\x12\n\ndns_errors\x18\t \x01(\x03\x12\r\n\x05\x65rror\x18\n \x01(\t\x12*\n\x05state\x18\x0b \x01(\x0e\x32\x1b.podcap.api.v1.SummaryState\"@\n\rProtocolCount\x12\x10\n\x08protocol\x18\x01 \x01(\t\x12\x0e\n\x06\x66rames\x18\x02 \x01(\x03\x12\r\n\x05\x62ytes\x18\x03 \x01(\x03\"g\n\x0c\x43onversation\x12\x10\n\x08protocol\x18\x01 \x01(\t\x12\x12\n\nendpoint_a\x18\x02 \x01(\t\x12\x12\n\nendpoint_b\x18\x03 \x01(\t\x12\x0e\n\x06\x66rames\x18\x04 \x01(\x03\x12\r\n\x05\x62ytes\x18\x05 \x01(\x03\"\xb0\x01\n\nResolution\x12\x11\n\tinterface\x18\x01 \x01(\t\x12\x0f\n\x07ifindex\x18\x02 \x01(\x05\x12\x10\n\x08strategy\x18\x03 \x01(\t\x12\r\n\x05netns\x18\x04 \x01(\t\x12\x15\n\rpod_interface\x18\x05 \x01(\t\x12\x13\n\x0bpod_ifindex\x18\x06 \x01(\x05\x12\x0f\n\x07pod_mac\x18\x07 \x01(\t\x12\x0e\n\x06pod_ip\x18\x08 \x01(\t\x12\x10\n\x08host_mac\x18\t \x01(\t*\xd4\x01\n\x0c\x43\x61ptureState\x12\x1d\n\x19\x43\x41PTURE_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15\x43\x41PTURE_STATE_PENDING\x10\x01\x12\x19\n\x15\x43\x41PTURE_STATE_RUNNING\x10\x02\x12\x1b\n\x17\x43\x41PTURE_STATE_UPLOADING\x10\x03\x12\x1b\n\x17\x43\x41PTURE_STATE_COMPLETED\x10\x04\x12\x18\n\x14\x43\x41PTURE_STATE_FAILED\x10\x05\x12\x1b\n\x17\x43\x41PTURE_STATE_CANCELLED\x10\x06*\x7f\n\x0cSummaryState\x12\x1d\n\x19SUMMARY_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15SUMMARY_STATE_PENDING\x10\x01\x12\x17\n\x13SUMMARY_STATE_READY\x10\x02\x12\x1c\n\x18SUMMARY_STATE_INCOMPLETE\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'podcap.api.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CAPTURESTATE']._serialized_start=1009
-  _globals['_CAPTURESTATE']._serialized_end=1221
-  _globals['_SUMMARYSTATE']._serialized_start=1223
-  _globals['_SUMMARYSTATE']._serialized_end=1350
+  _globals['_CAPTURESTATE']._serialized_start=1039
+  _globals['_CAPTURESTATE']._serialized_end=1251
+  _globals['_SUMMARYSTATE']._serialized_start=1253
+  _globals['_SUMMARYSTATE']._serialized_end=1380
   _globals['_CAPTURELIMITS']._serialized_start=78
   _globals['_CAPTURELIMITS']._serialized_end=171
   _globals['_CAPTURESTATS']._serialized_start=173
-  _globals['_CAPTURESTATS']._serialized_end=267
-  _globals['_CAPTURESUMMARY']._serialized_start=270
-  _globals['_CAPTURESUMMARY']._serialized_end=656
-  _globals['_PROTOCOLCOUNT']._serialized_start=658
-  _globals['_PROTOCOLCOUNT']._serialized_end=722
-  _globals['_CONVERSATION']._serialized_start=724
-  _globals['_CONVERSATION']._serialized_end=827
-  _globals['_RESOLUTION']._serialized_start=830
-  _globals['_RESOLUTION']._serialized_end=1006
+  _globals['_CAPTURESTATS']._serialized_end=297
+  _globals['_CAPTURESUMMARY']._serialized_start=300
+  _globals['_CAPTURESUMMARY']._serialized_end=686
+  _globals['_PROTOCOLCOUNT']._serialized_start=688
+  _globals['_PROTOCOLCOUNT']._serialized_end=752
+  _globals['_CONVERSATION']._serialized_start=754
+  _globals['_CONVERSATION']._serialized_end=857
+  _globals['_RESOLUTION']._serialized_start=860
+  _globals['_RESOLUTION']._serialized_end=1036
 # @@protoc_insertion_point(module_scope)

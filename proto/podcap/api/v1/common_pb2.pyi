@@ -114,6 +114,7 @@ class CaptureStats(_message.Message):
     PACKETS_RECEIVED_FIELD_NUMBER: _builtins.int
     KERNEL_DROPS_FIELD_NUMBER: _builtins.int
     BYTES_FIELD_NUMBER: _builtins.int
+    KERNEL_DROPS_UNKNOWN_FIELD_NUMBER: _builtins.int
     packets: _builtins.int
     """"packets captured": written to the pcap."""
     packets_received: _builtins.int
@@ -122,6 +123,10 @@ class CaptureStats(_message.Message):
     """"packets dropped by kernel"."""
     bytes: _builtins.int
     """Size of the pcap in bytes."""
+    kernel_drops_unknown: _builtins.bool
+    """tcpdump's statistics were lost (it ended with a killed agent): kernel_drops is unknown, not 0, and packets
+    were counted from the pcap.
+    """
     def __init__(
         self,
         *,
@@ -129,10 +134,11 @@ class CaptureStats(_message.Message):
         packets_received: _builtins.int = ...,
         kernel_drops: _builtins.int = ...,
         bytes: _builtins.int = ...,
+        kernel_drops_unknown: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "kernel_drops", b"kernel_drops", "packets", b"packets", "packets_received", b"packets_received"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "kernel_drops", b"kernel_drops", "kernel_drops_unknown", b"kernel_drops_unknown", "packets", b"packets", "packets_received", b"packets_received"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
