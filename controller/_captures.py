@@ -452,6 +452,15 @@ class Captures:
             now = datetime.now(UTC)
             locked.stopped_by, locked.stopped_at, locked.updated_at = stopper, now, now
             _event(locked, None, locked.state, now, f"stop requested by {stopper}")
+            for target in locked.targets:
+                if target.state == CaptureState.PENDING:
+                    # Not started yet (its agent unreachable, say): it never will be. A start already on its way
+                    # may still reach the agent: then it is stopped there, and what it stored is taken as a late
+                    # result, so nothing is lost track of.
+                    target.state, target.ended_at, target.awaiting_agent = CaptureState.CANCELLED, now, True
+                    target.error = f"cancelled by {stopper} before it started"
+                    _event(locked, target, CaptureState.CANCELLED, now, target.error)
+            _roll_up(locked, now)
 
         await self._tx(mark)
         for target in row.targets:
@@ -475,7 +484,7 @@ class Captures:
             # A FAILED target may still have stored what it captured before it failed (its pod vanished, say).
             if not (
                 target.state == CaptureState.COMPLETED
-                or (target.state == CaptureState.FAILED and target.sha256)
+                or (target.state in (CaptureState.FAILED, CaptureState.CANCELLED) and target.sha256)
             ):
                 raise WrongState(
                     f"capture {capture_id} is {target.state.value}; its pcap can be downloaded once COMPLETED"
@@ -648,18 +657,21 @@ class Captures:
 
         A terminal target takes nothing but its summary from later reports: its state and figures are final."""
 
-        def write(repo: CaptureRepository) -> bool:
+        def write(repo: CaptureRepository) -> tuple[bool, str]:
+            """Whether the target is settled, and the agent to tell to stop (a start that raced a cancel)."""
             row = repo.get_for_update(capture_id)
             if row is None:
-                return True
+                return True, ""
             target = row.targets[index]
             if target.state in TERMINAL_STATES:
+                stop_at = ""
                 if target.awaiting_agent:
-                    _record_late_result(row, target, report)
+                    if _record_late_result(row, target, report):
+                        stop_at = target.agent_address
                 elif target.summary_pending and report.HasField("summary"):
                     _record_summary(target, report.summary)
                     row.updated_at = datetime.now(UTC)
-                return not (target.summary_pending or target.awaiting_agent)
+                return not (target.summary_pending or target.awaiting_agent), stop_at
             now = datetime.now(UTC)
             state = _AGENT_STATES.get(report.state, target.state)
             if state != target.state:
@@ -683,10 +695,15 @@ class Captures:
             if target.state in TERMINAL_STATES:
                 target.ended_at = report.end_time.ToDatetime(UTC) if report.HasField("end_time") else now
             _roll_up(row, now)
-            return target.state in TERMINAL_STATES and not target.summary_pending
+            return target.state in TERMINAL_STATES and not target.summary_pending, ""
 
-        done = await self._tx(write)
+        done, stop_at = await self._tx(write)
         self._changes.notify(capture_id)
+        if stop_at:
+            try:
+                await self._agents.stop(stop_at, _agent_capture_id(capture_id, index))
+            except ControllerError as exc:  # the next report asks again
+                log.warning("capture %s: stopping a cancelled target's tcpdump failed: %s", capture_id, exc)
         return done
 
     async def _record_failure(self, capture_id: str, index: int, error: str, *, lost: bool = False) -> bool:
@@ -727,11 +744,14 @@ class Captures:
         return waiting
 
 
-def _record_late_result(row: CaptureRow, target: TargetRow, report: AgentCapture) -> None:
-    """The agent of a target FAILED as lost came back: once it has finished, what it stored becomes the target's
-    pcap (downloadable; the state stays FAILED, as terminal states are final), in its history."""
-    if _AGENT_STATES.get(report.state) not in TERMINAL_STATES:
-        return  # still uploading from its spool: wait for the end
+def _record_late_result(row: CaptureRow, target: TargetRow, report: AgentCapture) -> bool:
+    """A report for a target already ended without its agent: FAILED as lost (the agent came back), or CANCELLED
+    before it started (a start on its way got there first). Once the agent has finished, what it stored becomes
+    the target's pcap (downloadable; the state stays, as terminal states are final), in its history. True when
+    the agent is still capturing for a cancelled target and must be told to stop."""
+    agent_state = _AGENT_STATES.get(report.state)
+    if agent_state not in TERMINAL_STATES:
+        return target.state == CaptureState.CANCELLED and agent_state == CaptureState.RUNNING
     now = datetime.now(UTC)
     target.awaiting_agent = False
     if report.sha256:
@@ -747,16 +767,22 @@ def _record_late_result(row: CaptureRow, target: TargetRow, report: AgentCapture
         )
         if report.HasField("summary"):
             _record_summary(target, report.summary)
+        how = (
+            "the agent came back and"
+            if target.state == CaptureState.FAILED
+            else "the start reached the agent first; it"
+        )
         detail = (
-            f"late result: the agent came back and stored the pcap ({report.stats.packets} packets, "
-            f"{report.stats.bytes} bytes); it can be downloaded"
+            f"late result: {how} stored the pcap ({report.stats.packets} packets, {report.stats.bytes} bytes); "
+            "it can be downloaded"
         )
     else:
-        detail = f"late result: the agent came back but stored nothing ({report.error or 'no reason given'})"
+        detail = f"late result: the agent stored nothing ({report.error or 'no reason given'})"
     target.error = f"{target.error}; {detail}" if target.error else detail
     _event(row, target, target.state, now, detail)
     row.error = _capture_error(row)
     row.updated_at = now
+    return False
 
 
 def _record_summary(target: TargetRow, summary: common_pb2.CaptureSummary) -> None:

@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ import pytest
 import yaml
 
 from podcap.api.v1 import agent_pb2
-from tests.support.agents import NodeAgent
+from tests.support.agents import NodeAgent, tcpdumps_writing_into
 from tests.support.lab import Lab
 from tests.support.pcaps import http_uris
 from tests.support.processes import PODCAP, ControllerProcess, spool_root
@@ -272,3 +273,42 @@ def test_a_capture_cut_short_by_a_killed_agent_says_so(rig: Rig, tmp_path: Path)
     assert "kernel drops unknown" in shown and "cut short: the agent stopped" in shown
     _, uris = _downloaded(rig, started["id"], tmp_path)
     assert uris == ["/before-the-kill"]
+
+
+def test_a_capture_stopped_before_it_started_is_cancelled_and_never_captures(rig: Rig) -> None:
+    """The agent is frozen, so the capture waits PENDING for its StartCapture; a stop then cancels it: CANCELLED,
+    by whom, and when the agent thaws, its tcpdump (if the start got there after all) is stopped at once."""
+    assert rig.agent.process is not None
+    rig.agent.process.send_signal(signal.SIGSTOP)
+    creating: dict[str, subprocess.CompletedProcess[str]] = {}
+    thread = threading.Thread(
+        target=lambda: creating.setdefault(
+            "result", rig.cli("capture", "shop/server", "--duration", "10m", "-o", "json", check=False)
+        )
+    )
+    thread.start()
+    try:
+        deadline = time.monotonic() + 20
+        while not (listed := json.loads(rig.cli("list", "-o", "json").stdout)):
+            assert time.monotonic() < deadline, "the capture never appeared"
+            time.sleep(0.1)
+        (pending,) = listed
+        assert pending["state"] == "PENDING"
+        stopped = json.loads(rig.cli("stop", pending["id"], "-o", "json").stdout)
+        assert stopped["state"] == "CANCELLED" and stopped["stopped_by"] == "anonymous"
+    finally:
+        rig.agent.process.send_signal(signal.SIGCONT)
+        thread.join(timeout=60)
+    shown = rig.get(pending["id"])
+    assert shown["state"] == "CANCELLED"
+    history = [h["detail"] for h in shown["history"] if h["pod"] == "shop/server"]  # type: ignore[union-attr]
+    assert "cancelled by anonymous before it started" in history
+    # The frozen agent had the StartCapture in its socket: thawed, it starts tcpdump, is told to stop at once,
+    # and what it stored is the cancelled target's, as a late result.
+    deadline = time.monotonic() + 30
+    while not (shown := rig.get(pending["id"]))["sha256"]:
+        assert time.monotonic() < deadline, f"no late result:\n{rig.controller.log()[-3000:]}"
+        time.sleep(0.2)
+    assert shown["state"] == "CANCELLED"
+    assert "late result: the start reached the agent first; it stored the pcap" in str(shown["error"])
+    assert tcpdumps_writing_into(rig.agent.spool) == []

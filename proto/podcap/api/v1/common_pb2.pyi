@@ -35,7 +35,9 @@ class _CaptureStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CaptureS
     CAPTURE_STATE_CANCELLED: _CaptureState.ValueType  # 6
 
 class CaptureState(_CaptureState, metaclass=_CaptureStateEnumTypeWrapper):
-    """PENDING -> RUNNING -> UPLOADING -> COMPLETED | FAILED | CANCELLED. Terminal states are final."""
+    """PENDING -> RUNNING -> UPLOADING -> COMPLETED | FAILED | CANCELLED. Terminal states are final. CANCELLED: stopped
+    while still PENDING, before its agent confirmed the start.
+    """
 
 CAPTURE_STATE_UNSPECIFIED: CaptureState.ValueType  # 0
 CAPTURE_STATE_PENDING: CaptureState.ValueType  # 1
