@@ -70,6 +70,11 @@ class AgentServiceStub:
                 request_serializer=podcap_dot_api_dot_v1_dot_agent__pb2.ListInterfacesRequest.SerializeToString,
                 response_deserializer=podcap_dot_api_dot_v1_dot_agent__pb2.ListInterfacesResponse.FromString,
                 _registered_method=True)
+        self.StreamPcap = channel.unary_stream(
+                '/podcap.api.v1.AgentService/StreamPcap',
+                request_serializer=podcap_dot_api_dot_v1_dot_agent__pb2.AgentCaptureRef.SerializeToString,
+                response_deserializer=podcap_dot_api_dot_v1_dot_agent__pb2.PcapChunk.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -121,6 +126,14 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StreamPcap(self, request, context):
+        """The capture's pcap as tcpdump writes it, from its file header on, read from the spool at the reader's pace;
+        ends when the pcap is complete. FAILED_PRECONDITION once the spool no longer holds it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -158,6 +171,11 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.ListInterfaces,
                     request_deserializer=podcap_dot_api_dot_v1_dot_agent__pb2.ListInterfacesRequest.FromString,
                     response_serializer=podcap_dot_api_dot_v1_dot_agent__pb2.ListInterfacesResponse.SerializeToString,
+            ),
+            'StreamPcap': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamPcap,
+                    request_deserializer=podcap_dot_api_dot_v1_dot_agent__pb2.AgentCaptureRef.FromString,
+                    response_serializer=podcap_dot_api_dot_v1_dot_agent__pb2.PcapChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -349,6 +367,33 @@ class AgentService:
             '/podcap.api.v1.AgentService/ListInterfaces',
             podcap_dot_api_dot_v1_dot_agent__pb2.ListInterfacesRequest.SerializeToString,
             podcap_dot_api_dot_v1_dot_agent__pb2.ListInterfacesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamPcap(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/podcap.api.v1.AgentService/StreamPcap',
+            podcap_dot_api_dot_v1_dot_agent__pb2.AgentCaptureRef.SerializeToString,
+            podcap_dot_api_dot_v1_dot_agent__pb2.PcapChunk.FromString,
             options,
             channel_credentials,
             insecure,

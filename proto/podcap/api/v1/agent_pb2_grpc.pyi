@@ -43,6 +43,10 @@ class AgentServiceStub:
     ResolvePod: _grpc.UnaryUnaryMultiCallable[_agent_pb2.ResolvePodRequest, _common_pb2.Resolution]
     """Which host-side device carries this pod's traffic, and how that was found."""
     ListInterfaces: _grpc.UnaryUnaryMultiCallable[_agent_pb2.ListInterfacesRequest, _agent_pb2.ListInterfacesResponse]
+    StreamPcap: _grpc.UnaryStreamMultiCallable[_agent_pb2.AgentCaptureRef, _agent_pb2.PcapChunk]
+    """The capture's pcap as tcpdump writes it, from its file header on, read from the spool at the reader's pace;
+    ends when the pcap is complete. FAILED_PRECONDITION once the spool no longer holds it.
+    """
 
 @_typing.type_check_only
 class AgentServiceAsyncStub(AgentServiceStub):
@@ -58,6 +62,10 @@ class AgentServiceAsyncStub(AgentServiceStub):
     ResolvePod: _aio.UnaryUnaryMultiCallable[_agent_pb2.ResolvePodRequest, _common_pb2.Resolution]  # type: ignore[assignment]
     """Which host-side device carries this pod's traffic, and how that was found."""
     ListInterfaces: _aio.UnaryUnaryMultiCallable[_agent_pb2.ListInterfacesRequest, _agent_pb2.ListInterfacesResponse]  # type: ignore[assignment]
+    StreamPcap: _aio.UnaryStreamMultiCallable[_agent_pb2.AgentCaptureRef, _agent_pb2.PcapChunk]  # type: ignore[assignment]
+    """The capture's pcap as tcpdump writes it, from its file header on, read from the spool at the reader's pace;
+    ends when the pcap is complete. FAILED_PRECONDITION once the spool no longer holds it.
+    """
 
 class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -112,5 +120,15 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _agent_pb2.ListInterfacesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_agent_pb2.ListInterfacesResponse, _abc.Awaitable[_agent_pb2.ListInterfacesResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def StreamPcap(
+        self,
+        request: _agent_pb2.AgentCaptureRef,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_agent_pb2.PcapChunk], _abc.AsyncIterator[_agent_pb2.PcapChunk]]:
+        """The capture's pcap as tcpdump writes it, from its file header on, read from the spool at the reader's pace;
+        ends when the pcap is complete. FAILED_PRECONDITION once the spool no longer holds it.
+        """
 
 def add_AgentServiceServicer_to_server(servicer: AgentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

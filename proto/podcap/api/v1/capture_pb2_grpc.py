@@ -76,6 +76,16 @@ class CaptureServiceStub:
                 request_serializer=podcap_dot_api_dot_v1_dot_capture__pb2.DeleteCaptureRequest.SerializeToString,
                 response_deserializer=podcap_dot_api_dot_v1_dot_capture__pb2.DeleteCaptureResponse.FromString,
                 _registered_method=True)
+        self.StreamPackets = channel.unary_stream(
+                '/podcap.api.v1.CaptureService/StreamPackets',
+                request_serializer=podcap_dot_api_dot_v1_dot_capture__pb2.StreamPacketsRequest.SerializeToString,
+                response_deserializer=podcap_dot_api_dot_v1_dot_capture__pb2.DownloadChunk.FromString,
+                _registered_method=True)
+        self.ListPods = channel.unary_unary(
+                '/podcap.api.v1.CaptureService/ListPods',
+                request_serializer=podcap_dot_api_dot_v1_dot_capture__pb2.ListPodsRequest.SerializeToString,
+                response_deserializer=podcap_dot_api_dot_v1_dot_capture__pb2.ListPodsResponse.FromString,
+                _registered_method=True)
 
 
 class CaptureServiceServicer:
@@ -137,6 +147,23 @@ class CaptureServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StreamPackets(self, request, context):
+        """One target's pcap while it is captured: the pcap's bytes from its file header on, each chunk as tcpdump writes
+        it (about a second behind the wire), ending when the pcap is complete. Read at the reader's pace from the
+        node's file: a slow reader never makes tcpdump drop packets. FAILED_PRECONDITION once the node no longer
+        holds the pcap (download it instead).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListPods(self, request, context):
+        """The running pods the caller may capture (every namespace it may capture in, or one).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CaptureServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -179,6 +206,16 @@ def add_CaptureServiceServicer_to_server(servicer, server):
                     servicer.DeleteCapture,
                     request_deserializer=podcap_dot_api_dot_v1_dot_capture__pb2.DeleteCaptureRequest.FromString,
                     response_serializer=podcap_dot_api_dot_v1_dot_capture__pb2.DeleteCaptureResponse.SerializeToString,
+            ),
+            'StreamPackets': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamPackets,
+                    request_deserializer=podcap_dot_api_dot_v1_dot_capture__pb2.StreamPacketsRequest.FromString,
+                    response_serializer=podcap_dot_api_dot_v1_dot_capture__pb2.DownloadChunk.SerializeToString,
+            ),
+            'ListPods': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPods,
+                    request_deserializer=podcap_dot_api_dot_v1_dot_capture__pb2.ListPodsRequest.FromString,
+                    response_serializer=podcap_dot_api_dot_v1_dot_capture__pb2.ListPodsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -399,6 +436,60 @@ class CaptureService:
             '/podcap.api.v1.CaptureService/DeleteCapture',
             podcap_dot_api_dot_v1_dot_capture__pb2.DeleteCaptureRequest.SerializeToString,
             podcap_dot_api_dot_v1_dot_capture__pb2.DeleteCaptureResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamPackets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/podcap.api.v1.CaptureService/StreamPackets',
+            podcap_dot_api_dot_v1_dot_capture__pb2.StreamPacketsRequest.SerializeToString,
+            podcap_dot_api_dot_v1_dot_capture__pb2.DownloadChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPods(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/podcap.api.v1.CaptureService/ListPods',
+            podcap_dot_api_dot_v1_dot_capture__pb2.ListPodsRequest.SerializeToString,
+            podcap_dot_api_dot_v1_dot_capture__pb2.ListPodsResponse.FromString,
             options,
             channel_credentials,
             insecure,

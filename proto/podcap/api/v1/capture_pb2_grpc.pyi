@@ -50,6 +50,14 @@ class CaptureServiceStub:
     DownloadCapture: _grpc.UnaryStreamMultiCallable[_capture_pb2.DownloadCaptureRequest, _capture_pb2.DownloadChunk]
     """The pcap of one target, streamed through the controller; FAILED_PRECONDITION before COMPLETED."""
     DeleteCapture: _grpc.UnaryUnaryMultiCallable[_capture_pb2.DeleteCaptureRequest, _capture_pb2.DeleteCaptureResponse]
+    StreamPackets: _grpc.UnaryStreamMultiCallable[_capture_pb2.StreamPacketsRequest, _capture_pb2.DownloadChunk]
+    """One target's pcap while it is captured: the pcap's bytes from its file header on, each chunk as tcpdump writes
+    it (about a second behind the wire), ending when the pcap is complete. Read at the reader's pace from the
+    node's file: a slow reader never makes tcpdump drop packets. FAILED_PRECONDITION once the node no longer
+    holds the pcap (download it instead).
+    """
+    ListPods: _grpc.UnaryUnaryMultiCallable[_capture_pb2.ListPodsRequest, _capture_pb2.ListPodsResponse]
+    """The running pods the caller may capture (every namespace it may capture in, or one)."""
 
 @_typing.type_check_only
 class CaptureServiceAsyncStub(CaptureServiceStub):
@@ -73,6 +81,14 @@ class CaptureServiceAsyncStub(CaptureServiceStub):
     DownloadCapture: _aio.UnaryStreamMultiCallable[_capture_pb2.DownloadCaptureRequest, _capture_pb2.DownloadChunk]  # type: ignore[assignment]
     """The pcap of one target, streamed through the controller; FAILED_PRECONDITION before COMPLETED."""
     DeleteCapture: _aio.UnaryUnaryMultiCallable[_capture_pb2.DeleteCaptureRequest, _capture_pb2.DeleteCaptureResponse]  # type: ignore[assignment]
+    StreamPackets: _aio.UnaryStreamMultiCallable[_capture_pb2.StreamPacketsRequest, _capture_pb2.DownloadChunk]  # type: ignore[assignment]
+    """One target's pcap while it is captured: the pcap's bytes from its file header on, each chunk as tcpdump writes
+    it (about a second behind the wire), ending when the pcap is complete. Read at the reader's pace from the
+    node's file: a slow reader never makes tcpdump drop packets. FAILED_PRECONDITION once the node no longer
+    holds the pcap (download it instead).
+    """
+    ListPods: _aio.UnaryUnaryMultiCallable[_capture_pb2.ListPodsRequest, _capture_pb2.ListPodsResponse]  # type: ignore[assignment]
+    """The running pods the caller may capture (every namespace it may capture in, or one)."""
 
 class CaptureServiceServicer(metaclass=_abc_1.ABCMeta):
     """CaptureService runs on the controller. Errors follow DESIGN.md: INVALID_ARGUMENT for bad input, NOT_FOUND for an
@@ -141,5 +157,25 @@ class CaptureServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _capture_pb2.DeleteCaptureRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_capture_pb2.DeleteCaptureResponse, _abc.Awaitable[_capture_pb2.DeleteCaptureResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def StreamPackets(
+        self,
+        request: _capture_pb2.StreamPacketsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_capture_pb2.DownloadChunk], _abc.AsyncIterator[_capture_pb2.DownloadChunk]]:
+        """One target's pcap while it is captured: the pcap's bytes from its file header on, each chunk as tcpdump writes
+        it (about a second behind the wire), ending when the pcap is complete. Read at the reader's pace from the
+        node's file: a slow reader never makes tcpdump drop packets. FAILED_PRECONDITION once the node no longer
+        holds the pcap (download it instead).
+        """
+
+    @_abc_1.abstractmethod
+    def ListPods(
+        self,
+        request: _capture_pb2.ListPodsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_capture_pb2.ListPodsResponse, _abc.Awaitable[_capture_pb2.ListPodsResponse]]:
+        """The running pods the caller may capture (every namespace it may capture in, or one)."""
 
 def add_CaptureServiceServicer_to_server(servicer: CaptureServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
