@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PROTO_OUT := proto
 PROTOS := $(wildcard proto/podcap/api/v1/*.proto)
 
-.PHONY: setup proto proto-check test lint bench demo clean relink
+.PHONY: setup proto proto-check test lint bench demo clean relink cli-docs
 
 setup: $(VENV)/.installed
 
@@ -45,6 +45,10 @@ demo:
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# docs/cli.md from the CLI's parser (tests/cli/test_docs.py fails when it drifts).
+cli-docs: setup
+	$(PY) -m podcap.cli._docs > docs/cli.md
 
 # Strict editable installs link each module file: after adding or removing a module, refresh the links.
 relink:

@@ -32,6 +32,7 @@ from ._errors import (
     HostNetworkPod,
     InvalidCaptureRequest,
     NodeLimitReached,
+    PcapGone,
     UnknownCapture,
 )
 from ._model import TERMINAL, CaptureSnapshot, CaptureSpec, JobState, Limits, Programs
@@ -47,6 +48,10 @@ log = logging.getLogger(__name__)
 
 _POLL_S = 0.2
 _NETNS_CHECK_S = 1.0
+# How often a running capture's counts (packets, bytes, kernel drops) are refreshed for whoever watches it.
+_PROGRESS_S = 1.0
+# A live stream's reads of the spool file: as large as a gRPC message comfortably holds.
+_STREAM_READ = 256 * 1024
 
 
 @dataclass
@@ -341,6 +346,7 @@ class CaptureManager:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + spec.duration_s
         next_netns_check = loop.time() + _NETNS_CHECK_S
+        next_progress = loop.time()
         exited = asyncio.create_task(job.tcpdump.exited())
         stopped = asyncio.create_task(job.stop_requested.wait())
         problem = ""
@@ -357,6 +363,10 @@ class CaptureManager:
                     if not await asyncio.to_thread(self._resolver.netns_alive, job.snapshot.resolution):
                         problem = "the pod's network namespace vanished during the capture (pod deleted?)"
                         break
+                self._show_progress(job)
+                if now >= next_progress:
+                    next_progress = now + _PROGRESS_S
+                    job.tcpdump.ask_for_counts()
                 await asyncio.wait(
                     {exited, stopped},
                     timeout=min(deadline - now, _POLL_S),
@@ -367,6 +377,21 @@ class CaptureManager:
             stopped.cancel()
         await job.tcpdump.stop()  # after a buffer timeout: what arrived before the stop is in the pcap
         return problem
+
+    @staticmethod
+    def _show_progress(job: CaptureJob) -> None:
+        """Publishes the counts tcpdump last gave (asked for every _PROGRESS_S), and the pcap's size, if they
+        changed: a watcher of a running capture sees them within a poll of tcpdump's answer."""
+        assert job.tcpdump is not None
+        counts = job.tcpdump.running_stats
+        if counts is None:
+            return
+        try:
+            size = job.spool.pcap.stat().st_size
+        except FileNotFoundError:
+            size = 0
+        if counts != job.snapshot.stats:  # changes once per ask at most: no flood of reports
+            job.update(stats=counts, size=size)
 
     async def _finish_tcpdump(self, job: CaptureJob) -> tuple[TcpdumpStats, str]:
         """tcpdump's statistics, and why it failed if it did (its pcap so far is kept and uploaded all the same)."""
@@ -472,6 +497,39 @@ class CaptureManager:
             if snapshot.settled or (self._shutting_down and snapshot.state in TERMINAL):
                 return  # at shutdown a summary still to make is left to the next start
             await changed.wait()
+
+    async def stream(self, capture_id: str) -> AsyncIterator[bytes]:
+        """The capture's pcap as tcpdump writes it, from its file header on, ending once tcpdump has ended and
+        everything it wrote was sent.
+
+        Read from the spool file at the reader's pace (a gRPC stream waits for a slow reader), so tcpdump, which
+        writes to the file, never waits for a reader and nothing is held in memory. The file stays readable
+        through its open descriptor after the spool removes it; a stream opened after that raises PcapGone.
+        """
+        job = self._job(capture_id)
+        source = None
+        try:
+            while True:
+                changed = job.changed
+                writing = job.snapshot.state == JobState.RUNNING
+                if source is None:
+                    try:
+                        source = await asyncio.to_thread(job.spool.pcap.open, "rb", buffering=0)
+                    except FileNotFoundError:
+                        if not writing:
+                            raise PcapGone(
+                                f"capture {capture_id!r} is no longer on this node: download it instead"
+                            ) from None
+                if source is not None:
+                    while chunk := await asyncio.to_thread(source.read, _STREAM_READ):
+                        yield chunk
+                if not writing:
+                    return  # read after tcpdump ended: that was the whole pcap
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), timeout=_POLL_S)
+        finally:
+            if source is not None:
+                source.close()
 
     async def shutdown(self, grace_s: float) -> None:
         """Stops every capture and gives uploads `grace_s` to finish; what is left stays in the spool.

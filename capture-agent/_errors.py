@@ -87,6 +87,11 @@ class UnknownCapture(AgentError):
     """No capture with that id exists on this node (never started here, or forgotten after an agent restart)."""
 
 
+class PcapGone(AgentError):
+    """The capture's pcap has left this node (stored, summarised and removed from the spool): it can no longer
+    be streamed live, only downloaded from the store."""
+
+
 class NodeLimitReached(AgentError):
     """The node may not take this capture now (concurrent captures, spool size, free disk); the message has the
     numbers."""

@@ -20,6 +20,7 @@ from ._errors import (
     InvalidCaptureRequest,
     MissingPrivilege,
     NodeLimitReached,
+    PcapGone,
     PodNotOnNode,
     UncapturablePod,
     UnknownCapture,
@@ -38,6 +39,7 @@ ERRORS: ErrorTable = {
     HostNetworkPod: grpc.StatusCode.FAILED_PRECONDITION,
     UncapturablePod: grpc.StatusCode.FAILED_PRECONDITION,
     MissingPrivilege: grpc.StatusCode.FAILED_PRECONDITION,
+    PcapGone: grpc.StatusCode.FAILED_PRECONDITION,
     NodeLimitReached: grpc.StatusCode.RESOURCE_EXHAUSTED,
     CaptureError: grpc.StatusCode.INTERNAL,
     AgentError: grpc.StatusCode.INTERNAL,
@@ -110,6 +112,14 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         check_capture_id(request.capture_id)
         async for snapshot in self._captures.watch(request.capture_id):
             yield _capture(snapshot)
+
+    @maps_stream_errors(ERRORS)
+    async def StreamPcap(
+        self, request: agent_pb2.AgentCaptureRef, context: Context
+    ) -> AsyncIterator[agent_pb2.PcapChunk]:
+        check_capture_id(request.capture_id)
+        async for chunk in self._captures.stream(request.capture_id):
+            yield agent_pb2.PcapChunk(data=chunk)
 
     @maps_errors(ERRORS)
     async def ListCaptures(

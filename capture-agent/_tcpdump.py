@@ -28,6 +28,10 @@ _STATS = {
     "packets_received": re.compile(rb"^(\d+) packets? received by filter", re.M),
     "kernel_drops": re.compile(rb"^(\d+) packets? dropped by kernel", re.M),
 }
+# What SIGUSR1 makes a running tcpdump print, on one line: its counts so far (tcpdump.c, requestinfo → info(0)).
+_RUNNING_STATS = re.compile(
+    rb"^\S+: (\d+) packets? captured, (\d+) packets? received by filter, (\d+) packets? dropped by kernel"
+)
 _LISTENING = b"listening on "
 _START_TIMEOUT_S = 10.0  # without CPU progress before "listening on" (see Tcpdump._until_started)
 _START_LIMIT_S = 120.0
@@ -136,6 +140,7 @@ class Tcpdump:
         self._stderr = bytearray()
         self._stderr_done = asyncio.Event()
         self._listening = asyncio.Event()
+        self._running_stats: TcpdumpStats | None = None
         self._reader = asyncio.create_task(self._read_stderr())
 
     @classmethod
@@ -205,6 +210,10 @@ class Tcpdump:
         assert stream is not None
         try:
             while line := await stream.readline():
+                if (counts := _RUNNING_STATS.match(line)) is not None:
+                    packets, received, drops = map(int, counts.groups())
+                    self._running_stats = TcpdumpStats(packets, received, drops)
+                    continue  # a count asked for (`ask_for_counts`), not one of tcpdump's messages
                 if len(self._stderr) < _STDERR_KEEP:
                     self._stderr += line
                 if line.startswith(_LISTENING) or b": listening on " in line:
@@ -219,6 +228,20 @@ class Tcpdump:
     def stats(self) -> TcpdumpStats:
         """The statistics tcpdump printed so far (all of them once it has exited)."""
         return parse_stats(bytes(self._stderr))
+
+    def ask_for_counts(self) -> None:
+        """Asks a listening tcpdump for its counts so far (SIGUSR1); `running_stats` has them a moment later.
+
+        Only once tcpdump listens: it handles SIGUSR1 from then on, and before that the signal would end it."""
+        if self._listening.is_set() and self.running:
+            with contextlib.suppress(ProcessLookupError):
+                self._process.send_signal(signal.SIGUSR1)
+
+    @property
+    def running_stats(self) -> TcpdumpStats | None:
+        """The counts tcpdump last gave `ask_for_counts`: packets written so far, received, dropped by the
+        kernel (only blocks the kernel has handed over count, so up to a buffer timeout behind)."""
+        return self._running_stats
 
     def stderr_text(self) -> str:
         return self._stderr.decode("utf-8", "replace")

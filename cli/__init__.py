@@ -6,6 +6,6 @@ import os
 # the command prints instead. Set before grpc is first imported; an explicit GRPC_VERBOSITY still wins.
 os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
-from ._main import main
+from ._main import kubectl_main, main
 
-__all__ = ["main"]
+__all__ = ["kubectl_main", "main"]

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
@@ -32,46 +31,6 @@ def _state_name(state: int) -> str:
 TERMINAL = frozenset(
     (common_pb2.CAPTURE_STATE_COMPLETED, common_pb2.CAPTURE_STATE_FAILED, common_pb2.CAPTURE_STATE_CANCELLED)
 )
-
-
-class Progress:
-    """What a waiting command says on stderr: each state change once, the summary's arrival, and a warning the
-    moment a capture ends with packets the kernel dropped (what was captured is still complete, but not all)."""
-
-    def __init__(self, enabled: bool) -> None:
-        self._enabled = enabled
-        self._last_state = -1
-        self._warned = False
-        self._summaries_pending = False
-
-    def update(self, capture: capture_pb2.Capture) -> None:
-        if not self._enabled:
-            return
-        packets = sum(t.stats.packets for t in capture.targets)
-        if capture.state != self._last_state:
-            self._last_state = capture.state
-            print(f"{capture.id}: {_state_name(capture.state)} ({packets} packets)", file=sys.stderr)
-        if capture.state not in TERMINAL:
-            return
-        drops = sum(t.stats.kernel_drops for t in capture.targets)
-        if not self._warned:
-            self._warned = True
-            for t in capture.targets:
-                if t.interruption:
-                    print(f"warning: {t.namespace}/{t.pod}: {t.interruption}", file=sys.stderr)
-            if drops:
-                print(
-                    f"warning: the kernel dropped {drops} packets that matched the filter ({packets} captured); "
-                    "capture again with a larger --buffer-size (e.g. 128M) or a narrower --filter",
-                    file=sys.stderr,
-                )
-        pending = any(
-            t.HasField("summary") and t.summary.state == common_pb2.SUMMARY_STATE_PENDING
-            for t in capture.targets
-        )
-        if pending and not self._summaries_pending:
-            print(f"{capture.id}: the pcap is stored; summarising what is inside", file=sys.stderr)
-        self._summaries_pending = pending
 
 
 class Connection:
@@ -195,17 +154,6 @@ class Connection:
         except grpc.aio.AioRpcError as exc:
             raise _error(exc) from exc
 
-    async def wait(self, capture_id: str, progress: bool) -> capture_pb2.Capture:
-        """Follows the capture until it is settled, printing each change to stderr when asked."""
-        shown = Progress(enabled=progress)
-        last: capture_pb2.Capture | None = None
-        async for capture in self.watch(capture_id):
-            shown.update(capture)
-            last = capture
-        if last is None:
-            raise ClientError(f"the controller sent nothing for capture {capture_id}")
-        return last
-
     async def stop(self, capture_id: str) -> capture_pb2.Capture:
         try:
             return await self._stub.StopCapture(
@@ -226,6 +174,18 @@ class Connection:
         except grpc.aio.AioRpcError as exc:
             raise _error(exc) from exc
 
+    async def list_pods(self, namespace: str = "") -> Sequence[capture_pb2.PodInfo]:
+        """The running pods the caller may capture, in `namespace` or (empty) in every namespace."""
+        try:
+            response = await self._stub.ListPods(
+                capture_pb2.ListPodsRequest(namespace=namespace),
+                timeout=_CALL_TIMEOUT_S,
+                metadata=self._metadata,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise _error(exc) from exc
+        return list(response.pods)
+
     async def download_url(self, capture_id: str, target: int) -> str:
         request = capture_pb2.GetDownloadUrlRequest(id=capture_id, target=target)
         try:
@@ -235,6 +195,15 @@ class Connection:
         except grpc.aio.AioRpcError as exc:
             raise _error(exc) from exc
         return response.url
+
+    async def stream_packets(self, capture_id: str, target: int = 0) -> AsyncIterator[bytes]:
+        """One target's pcap while it is captured, from its file header on, ending once the pcap is complete."""
+        request = capture_pb2.StreamPacketsRequest(id=capture_id, target=target)
+        try:
+            async for chunk in self._stub.StreamPackets(request, metadata=self._metadata):
+                yield chunk.data
+        except grpc.aio.AioRpcError as exc:
+            raise _error(exc) from exc
 
     async def download(self, capture_id: str, target: int) -> AsyncIterator[bytes]:
         """The pcap of one target, streamed by the controller, in the chunks it sends."""

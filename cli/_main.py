@@ -17,7 +17,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ._client import TERMINAL, ClientError, Connection, Progress
+from ._client import ClientError, Connection
+from ._config import CA_ENV, NAMESPACE_ENV, SERVER_ENV, TOKEN_ENV, ClientSettings, ConfigError
 from ._download import STDOUT
 from ._output import print_capture, print_captures
 
@@ -27,9 +28,6 @@ if TYPE_CHECKING:
     from podcap.api.serving import TlsFiles
     from podcap.api.v1 import capture_pb2
 
-SERVER_ENV = "PODCAP_SERVER"
-TOKEN_ENV = "PODCAP_TOKEN"  # noqa: S105  # the variable's name, not a token
-CA_ENV = "PODCAP_CA"
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -74,45 +72,43 @@ def _positive_duration(text: str) -> timedelta:
 
 
 def _pod_ref(text: str) -> tuple[str, str]:
-    namespace, sep, pod = text.partition("/")
-    if not sep or not namespace or not pod:
-        raise argparse.ArgumentTypeError(f"{text!r} is not NAMESPACE/POD")
+    """NAMESPACE/POD, or POD alone (namespace "": the default namespace, podcap config)."""
+    namespace, sep, pod = text.rpartition("/")
+    if (sep and not namespace) or not pod:
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAMESPACE/POD or POD")
     return namespace, pod
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="podcap", description="Capture a Kubernetes pod's traffic to a pcap."
-    )
+def _parser(prog: str = "podcap") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="Capture a Kubernetes pod's traffic to a pcap.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def client(name: str, help_text: str) -> argparse.ArgumentParser:
+        # Defaults None: "not given", so that _config.resolve can fall back to the environment, then the file.
         p = sub.add_parser(name, help=help_text)
-        p.add_argument(
-            "--server",
-            default=os.environ.get(SERVER_ENV, "127.0.0.1:7070"),
-            help=f"controller HOST:PORT (${SERVER_ENV})",
-        )
+        p.add_argument("--server", help=f"controller HOST:PORT (${SERVER_ENV}, config file; 127.0.0.1:7070)")
         p.add_argument(
             "--token",
-            default=os.environ.get(TOKEN_ENV, ""),
-            help=f"bearer token for the controller (${TOKEN_ENV}; prefer the variable: flags show in ps)",
+            help=f"bearer token for the controller (${TOKEN_ENV}, config file; prefer those: flags show in ps)",
         )
         p.add_argument(
             "--ca",
             type=Path,
-            default=os.environ.get(CA_ENV) or None,
             metavar="FILE",
-            help=f"TLS: the CA (PEM) that signs the controller's certificate (${CA_ENV}); implies --tls",
+            help=f"TLS: the CA (PEM) that signs the controller's certificate (${CA_ENV}, config file); implies --tls",
         )
-        p.add_argument("--tls", action="store_true", help="TLS with the system's trusted CAs")
-        p.add_argument("-o", "--output", choices=["text", "json"], default="text")
+        p.add_argument("--tls", action="store_true", default=None, help="TLS with the system's trusted CAs")
+        p.add_argument("-o", "--output", choices=["text", "json", "yaml"], default="text")
         return p
 
     p = client("capture", "capture a pod's traffic, or every running pod a label selector matches")
     p.add_argument("pod", type=_pod_ref, metavar="NAMESPACE/POD", nargs="?")
-    p.add_argument("-n", "--namespace", default="", help="with --selector: the pods' namespace")
+    p.add_argument(
+        "-n",
+        "--namespace",
+        help=f"the pod's namespace, for POD or --selector (${NAMESPACE_ENV}, config file)",
+    )
     p.add_argument(
         "-l", "--selector", default="", help="label selector, e.g. app=checkout (one pcap per pod)"
     )
@@ -156,11 +152,23 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="with --download of several pods: a packet captured on two of them is kept once",
     )
+    p.add_argument(
+        "--live",
+        action="store_true",
+        help="write the pcap to -w PATH as it is captured (about a second behind the wire); it is stored too",
+    )
+    p.add_argument(
+        "-w",
+        "--write",
+        type=Path,
+        metavar="PATH",
+        help="with --live: where the live pcap goes, - for standard output (-w - | wireshark -k -i -)",
+    )
 
     p = client("get", "show one capture")
     p.add_argument("id")
     p = client("list", "list captures, newest first")
-    p.add_argument("-n", "--namespace", default="")
+    p.add_argument("-n", "--namespace", help="only this namespace (default: the configured one, else all)")
     p.add_argument("--pod", default="")
     p.add_argument("--state", default="", help="PENDING, RUNNING, UPLOADING, COMPLETED, FAILED or CANCELLED")
     p.add_argument("--requester", default="", help="only captures this caller created")
@@ -203,6 +211,21 @@ def _parser() -> argparse.ArgumentParser:
     p = client("stop", "end a running capture early (what was captured is kept)")
     p.add_argument("id")
     p.add_argument("--wait", action="store_true", help="wait until the pcap is stored")
+    p = client("open", "download a completed capture and open it in Wireshark (or say how to)")
+    p.add_argument("id")
+    p.add_argument("--target", type=int, help="one pod of a multi-pod capture (default: all, merged)")
+    p = client("pods", "list the running pods you may capture (every namespace, or -n NAMESPACE)")
+    p.add_argument(
+        "-n", "--namespace", default="", help="only this namespace (default: every one you may capture in)"
+    )
+    p = sub.add_parser("extcap", help="the Wireshark extcap podcap-extcap: pods as capture interfaces")
+    p.add_argument("action", choices=["install"], help="install: put it where this user's Wireshark looks")
+    p.add_argument(
+        "--dir", type=Path, metavar="DIR", help="another extcap folder (default: the personal one)"
+    )
+    p = client("config", "show the server, token, CA and namespace in effect, and where each comes from")
+    p = sub.add_parser("completion", help="print a shell completion script")
+    p.add_argument("shell", choices=["bash", "zsh"])
 
     sub.add_parser(
         "token", help="print a new random bearer token and the token_sha256 line for the token file"
@@ -363,6 +386,9 @@ def _parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="with mutual TLS: the name the caller's certificate must carry (default podcap-controller)",
     )
+    from ._help import add_examples
+
+    add_examples(parser)
     return parser
 
 
@@ -402,8 +428,21 @@ def _new_token() -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+def kubectl_main(argv: Sequence[str] | None = None) -> int:
+    """`kubectl podcap`: the same commands, the default namespace from the current kubeconfig context."""
+    return main(argv, kubectl=True)
+
+
+def _settings(args: argparse.Namespace, kubectl: bool) -> ClientSettings:
+    from ._config import resolve
+
+    flags = {key: getattr(args, key, None) for key in ("server", "token", "ca", "tls", "namespace")}
+    return resolve(flags, kubectl=kubectl)
+
+
+def main(argv: Sequence[str] | None = None, *, kubectl: bool = False) -> int:
+    parser = _parser("kubectl podcap" if kubectl else "podcap")
+    args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -416,7 +455,31 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_server(args)
         if args.command == "token":
             return _new_token()
-        return asyncio.run(_client_command(args))
+        if args.command == "extcap":
+            from ._extcap import install_command
+
+            return install_command(args.dir)
+        if args.command == "completion":
+            from ._completion import script
+
+            print(script(parser, args.shell), end="")
+            return 0
+        settings = _settings(args, kubectl)
+        if args.command == "config":
+            from ._config import describe
+            from ._output import print_config
+
+            print_config(describe(settings), args.output)
+            return 0
+        try:
+            return asyncio.run(_client_command(args, settings))
+        except ClientError as exc:
+            from ._advice import advise
+
+            raise ClientError(advise(str(exc), settings)) from exc
+    except ConfigError as exc:
+        print(f"podcap: {exc}", file=sys.stderr)
+        return 2
     except ClientError as exc:
         print(f"podcap: {exc}", file=sys.stderr)
         return 1
@@ -429,15 +492,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 141
 
 
-async def _client_command(args: argparse.Namespace) -> int:
-    json_output = args.output == "json"
-    async with Connection(args.server, token=args.token, tls=args.tls, ca=args.ca) as conn:
+async def _client_command(args: argparse.Namespace, settings: ClientSettings) -> int:
+    json_output = args.output  # text, json or yaml
+    async with Connection(settings.server, token=settings.token, tls=settings.tls, ca=settings.ca) as conn:
         if args.command == "capture":
-            namespace, pod = _capture_target(args)
+            namespace, pod = _capture_target(args, settings.namespace)
             if args.download and args.download != STDOUT and args.download.exists() and not args.force:
                 raise ClientError(
                     f"{args.download} exists: give --force to replace it, or another --download PATH"
                 )
+            _check_live(args)
             capture = await conn.create(
                 namespace=namespace,
                 pod=pod,
@@ -453,18 +517,24 @@ async def _client_command(args: argparse.Namespace) -> int:
                 pod_interface=args.interface,
                 host_network=args.host_network,
             )
-            if args.wait or args.download:
+            if args.wait or args.download or args.live:
                 capture = await _follow(
-                    conn, capture.id, args.download, force=args.force, one_copy=args.one_copy
+                    conn,
+                    capture.id,
+                    args.download,
+                    force=args.force,
+                    one_copy=args.one_copy,
+                    live_to=args.write if args.live else None,
                 )
-            # With the pcap on standard output, what is said about it goes to stderr.
-            print_capture(capture, json_output, sys.stderr if args.download == STDOUT else sys.stdout)
+            # With a pcap on standard output, what is said about it goes to stderr.
+            on_stdout = STDOUT in (args.download, args.write if args.live else None)
+            print_capture(capture, json_output, sys.stderr if on_stdout else sys.stdout)
             return 0 if capture.state != conn.failed else 1
         if args.command == "get":
             print_capture(await conn.get(args.id), json_output)
         elif args.command == "list":
             captures = await conn.list(
-                args.namespace, args.pod, args.state, args.limit, args.requester, args.since
+                settings.namespace, args.pod, args.state, args.limit, args.requester, args.since
             )
             print_captures(captures, json_output)
         elif args.command == "download":
@@ -489,33 +559,60 @@ async def _client_command(args: argparse.Namespace) -> int:
         elif args.command == "stop":
             capture = await conn.stop(args.id)
             if args.wait:
-                capture = await conn.wait(capture.id, progress=True)
+                from ._live import Progress, follow
+
+                capture = await follow(conn, capture.id, progress=Progress())
             print_capture(capture, json_output)
+        elif args.command == "pods":
+            from ._pods import print_pods
+
+            print_pods(await conn.list_pods(args.namespace), args.output)
+        elif args.command == "open":
+            from ._open import open_capture
+
+            await open_capture(conn, await conn.get(args.id), args.target)
     return 0
 
 
 async def _follow(
-    conn: Connection, capture_id: str, path: Path | None, *, force: bool, one_copy: bool
+    conn: Connection,
+    capture_id: str,
+    path: Path | None,
+    *,
+    force: bool,
+    one_copy: bool,
+    live_to: Path | None = None,
 ) -> capture_pb2.Capture:
-    """Waits for the capture to settle, showing progress; with `path`, saves the pcap the moment the capture has
-    ended, while its summary is still being made on the node (the summary never holds the pcap back)."""
+    """Waits for the capture to settle, showing progress (Ctrl-C stops it); with `live_to`, writes the pcap there
+    as it is captured; with `path`, saves the pcap the moment the capture has ended, while its summary is still
+    being made on the node (the summary never holds the pcap back)."""
     from ._download import download
+    from ._live import Progress, follow
 
-    progress = Progress(enabled=True)
-    last: capture_pb2.Capture | None = None
-    async for capture in conn.watch(capture_id):
-        progress.update(capture)
-        if path is not None and capture.state in TERMINAL:
-            if capture.state == conn.completed:
-                merge = len(capture.targets) > 1
-                await download(
-                    conn, capture, path, target=None, every=False, merge=merge, force=force, one_copy=one_copy
-                )
-            path = None
-        last = capture
-    if last is None:
-        raise ClientError(f"the controller sent nothing for capture {capture_id}")
-    return last
+    async def save(capture: capture_pb2.Capture) -> None:
+        if path is not None and capture.state == conn.completed:
+            merge = len(capture.targets) > 1
+            await download(
+                conn, capture, path, target=None, every=False, merge=merge, force=force, one_copy=one_copy
+            )
+
+    return await follow(conn, capture_id, progress=Progress(), live_to=live_to, force=force, on_ended=save)
+
+
+def _check_live(args: argparse.Namespace) -> None:
+    """--live and -w go together, for one pod, and never share standard output with --download."""
+    if args.live != (args.write is not None):
+        raise ClientError(
+            "--live writes the pcap as it is captured to -w PATH (- for standard output): give both"
+        )
+    if not args.live:
+        return
+    if args.selector:
+        raise ClientError("--live streams one pod's pcap: give NAMESPACE/POD, not --selector")
+    if args.write == STDOUT and args.download == STDOUT:
+        raise ClientError("-w - and --download - cannot both write to standard output")
+    if args.write != STDOUT and args.write.exists() and not args.force:
+        raise ClientError(f"{args.write} exists: give --force to replace it, or another -w PATH")
 
 
 def _run_server(args: argparse.Namespace) -> int:
@@ -529,16 +626,21 @@ def _run_server(args: argparse.Namespace) -> int:
         return 2
 
 
-def _capture_target(args: argparse.Namespace) -> tuple[str, str]:
-    """NAMESPACE/POD, or -n NAMESPACE with -l SELECTOR."""
+def _capture_target(args: argparse.Namespace, namespace: str) -> tuple[str, str]:
+    """NAMESPACE/POD, POD in `namespace` (-n, else the configured default), or a namespace with -l SELECTOR."""
     if args.pod and args.selector:
         raise ClientError("give NAMESPACE/POD or --selector, not both")
     if args.pod:
-        namespace, pod = args.pod
-        return str(namespace), str(pod)
-    if not (args.selector and args.namespace):
+        pod_namespace, pod = args.pod
+        if not (pod_namespace or namespace):
+            raise ClientError(
+                f"which namespace is pod {pod} in? Give NAMESPACE/{pod}, -n NAMESPACE, ${NAMESPACE_ENV}, "
+                "or 'namespace:' in the config file (podcap config shows where it is)"
+            )
+        return str(pod_namespace or namespace), str(pod)
+    if not (args.selector and namespace):
         raise ClientError("give NAMESPACE/POD, or -n NAMESPACE with -l SELECTOR")
-    return str(args.namespace), ""
+    return namespace, ""
 
 
 def _run_controller(args: argparse.Namespace) -> int:

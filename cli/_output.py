@@ -1,7 +1,8 @@
-"""How the CLI shows captures: a short human view, or JSON (`-o json`) for scripts.
+"""How the CLI shows captures: a short human view, or JSON (`-o json`) and YAML (`-o yaml`) for scripts.
 
 The JSON view is flat for the common one-pod capture (node, interface, packets, ... at the top) and keeps every
-target under `targets`, so scripts work the same for multi-pod captures.
+target under `targets`, so scripts work the same for multi-pod captures. YAML has the same structure as JSON. The human view gives sizes in
+powers of 1024 (1.2 MiB) and times in local time with their age ("2026-12-07 08:01:02 (3m ago)").
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, TextIO
 
 from google.protobuf import json_format
@@ -92,9 +93,61 @@ def capture_dict(c: capture_pb2.Capture) -> dict[str, Any]:
     }
 
 
-def print_capture(capture: capture_pb2.Capture, as_json: bool, out: TextIO = sys.stdout) -> None:
+def _format(output: str | bool) -> str:
+    """`-o`'s value; True and False stand for json and text (the older boolean form)."""
+    if isinstance(output, bool):
+        return "json" if output else "text"
+    return output
+
+
+def dump(data: Any, output: str | bool) -> str:
+    """`data` (plain dicts and lists) as JSON or YAML; the same structure either way."""
+    if _format(output) == "yaml":
+        import yaml
+
+        dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+        return str(yaml.dump(data, Dumper=dumper, sort_keys=False, default_flow_style=False)).rstrip("\n")
+    return json.dumps(data, indent=2)
+
+
+def human_size(size: int) -> str:
+    """Bytes in powers of 1024, as ls -h: 512 B, 1.2 KiB, 3.4 MiB."""
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{size} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def _age(seconds: float) -> str:
+    ago = seconds >= 0
+    seconds = abs(seconds)
+    for unit, length in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= length:
+            amount = f"{int(seconds // length)}{unit}"
+            break
+    else:
+        amount = f"{int(seconds)}s"
+    return f"{amount} ago" if ago else f"in {amount}"
+
+
+def human_time(stamp: str, now: datetime | None = None) -> str:
+    """An RFC 3339 time (as in the JSON view) in local time with its age; "" stays ""."""
+    if not stamp:
+        return ""
+    when = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    age = ((now or datetime.now(UTC)) - when).total_seconds()
+    return f"{when.astimezone():%Y-%m-%d %H:%M:%S} ({_age(age)})"
+
+
+def print_capture(capture: capture_pb2.Capture, output: str | bool, out: TextIO = sys.stdout) -> None:
+    """`output` is -o's value: text, json or yaml."""
     view = capture_dict(capture)
-    text = json.dumps(view, indent=2) if as_json else "\n".join(_capture_lines(view))
+    fmt = _format(output)
+    text = "\n".join(_capture_lines(view)) if fmt == "text" else dump(view, fmt)
     print(text, file=out)
 
 
@@ -110,8 +163,13 @@ def _capture_lines(view: dict[str, Any]) -> Iterator[str]:
         "started",
         "ended",
     ):
-        yield f"{key:>16}: {view[key]}" + (_stopped(view) if key == "duration_seconds" else "")
-    limits = ", ".join(f"{name} {value}" for name, value in view["limits"].items() if value)
+        value = human_time(view[key]) if key in ("created", "started", "ended") else view[key]
+        yield f"{key:>16}: {value}" + (_stopped(view) if key == "duration_seconds" else "")
+    limits = ", ".join(
+        f"{name} {human_size(value) if name in ('max_bytes', 'buffer_size') else value}"
+        for name, value in view["limits"].items()
+        if value
+    )
     yield f"{'limits':>16}: {limits or 'node defaults'}"
     if view["error"]:
         yield f"{'error':>16}: {view['error']}"
@@ -122,7 +180,7 @@ def _capture_lines(view: dict[str, Any]) -> Iterator[str]:
         if t["resolution"]:
             yield _resolution_line(t["resolution"])
         drops = "unknown" if t["drops"] is None else t["drops"]
-        yield f"      packets {t['packets']}, kernel drops {drops}, {t['bytes']} bytes"
+        yield f"      packets {t['packets']}, kernel drops {drops}, {human_size(t['bytes'])}"
         if t["interruption"]:
             yield f"      {t['interruption']}"
         if t["sha256"]:
@@ -133,7 +191,8 @@ def _capture_lines(view: dict[str, Any]) -> Iterator[str]:
             yield from _summary_lines(t["summary"])
     for h in view["history"]:
         where = h["pod"] or "capture"
-        yield (f"  {h['time']}  {where}: {h['state']}" + (f" ({h['detail']})" if h["detail"] else ""))
+        detail = f" ({h['detail']})" if h["detail"] else ""
+        yield f"  {human_time(h['time'])}  {where}: {h['state']}{detail}"
 
 
 def _stopped(view: dict[str, Any]) -> str:
@@ -149,15 +208,16 @@ def _stopped(view: dict[str, Any]) -> str:
     return f" requested; stopped by {view['stopped_by']}{ran} (at {view['stopped']})"
 
 
-def print_captures(captures: list[capture_pb2.Capture], as_json: bool) -> None:
+def print_captures(captures: list[capture_pb2.Capture], output: str | bool) -> None:
     views = [capture_dict(c) for c in captures]
-    if as_json:
-        print(json.dumps(views, indent=2))
+    if _format(output) != "text":
+        print(dump(views, output))
         return
-    print(f"{'ID':32}  {'STATE':9}  {'POD':40}  {'PACKETS':>8}  CREATED")
+    print(f"{'ID':32}  {'STATE':9}  {'POD':40}  {'PACKETS':>8}  {'SIZE':>10}  CREATED")
     for v in views:
         pod = f"{v['namespace']}/{v['pod'] or v['label_selector']}"
-        print(f"{v['id']:32}  {v['state']:9}  {pod[:40]:40}  {v['packets']:>8}  {v['created']}")
+        size, created = human_size(v["bytes"]), human_time(v["created"])
+        print(f"{v['id']:32}  {v['state']:9}  {pod[:40]:40}  {v['packets']:>8}  {size:>10}  {created}")
 
 
 def _resolution_line(r: dict[str, Any]) -> str:
@@ -176,7 +236,8 @@ def _summary_lines(summary: dict[str, Any]) -> Iterator[str]:
         yield "      inside: being summarised on the node (the pcap is ready; `podcap get` shows the summary)"
         return
     span = f"{summary.get('firstPacketTime', '?')} .. {summary.get('lastPacketTime', '?')}"
-    yield f"      inside: {summary.get('packets', 0)} packets, {summary.get('bytes', 0)} bytes, {span}"
+    size = human_size(int(summary.get("bytes", 0)))
+    yield f"      inside: {summary.get('packets', 0)} packets, {size}, {span}"
     trouble = {k: summary.get(k, 0) for k in ("tcpResets", "tcpRetransmissions", "dnsErrors")}
     yield (
         "      tcp resets {tcpResets}, tcp retransmissions {tcpRetransmissions}, dns errors {dnsErrors}".format(
@@ -187,7 +248,22 @@ def _summary_lines(summary: dict[str, Any]) -> Iterator[str]:
         yield f"        {proto['protocol']}: {proto.get('frames', 0)} frames"
     for conv in summary.get("conversations", [])[:5]:
         yield (
-            f"        {conv['protocol']} {conv['endpointA']} <-> {conv['endpointB']}: {conv.get('bytes', 0)} bytes"
+            f"        {conv['protocol']} {conv['endpointA']} <-> {conv['endpointB']}: "
+            f"{human_size(int(conv.get('bytes', 0)))}"
         )
     if summary.get("error"):
         yield f"      summary incomplete: {summary['error']}"
+
+
+def print_config(view: dict[str, Any], output: str | bool) -> None:
+    """`podcap config`: each setting, its value and where it came from (the token only as set or not)."""
+    if _format(output) != "text":
+        print(dump(view, output))
+        return
+    print(f"{'config file':>12}: {view['config_file']}")
+    for key, entry in view.items():
+        if isinstance(entry, dict):
+            value = entry["value"]
+            shown = "" if value == "" else str(value).lower() if isinstance(value, bool) else value
+            source = "" if key == "token" and value != "not set" else f"  ({entry['source']})"
+            print(f"{key:>12}: {shown or '-'}{source}")

@@ -43,13 +43,15 @@ class Action(enum.StrEnum):
 
 
 class Audited(enum.StrEnum):
-    """The decisions written to the audit trail (a download URL is its own entry, authorised as DOWNLOAD)."""
+    """The decisions written to the audit trail (a download URL and a live stream are their own entries, both
+    authorised as DOWNLOAD)."""
 
     CAPTURE = "capture"
     STOP = "stop"
     DELETE = "delete"
     DOWNLOAD = "download"
     DOWNLOAD_URL = "download-url"
+    STREAM = "stream"  # the live pcap of a running capture, authorised as DOWNLOAD
 
 
 @dataclass(frozen=True)
@@ -170,7 +172,12 @@ class AccessControl:
             raise denial(caller, action, namespace)
 
     async def readable_namespaces(self, caller: Caller) -> frozenset[str] | None:
-        return await self._authorizer.namespaces(caller.principal, Action.READ)
+        return await self.namespaces(caller, Action.READ)
+
+    async def namespaces(self, caller: Caller, action: Action) -> frozenset[str] | None:
+        """Where the caller may do `action`: None means every namespace; a set may also be empty when the
+        authoriser cannot enumerate (Kubernetes RBAC), so ask `allows` per namespace unless it is None."""
+        return await self._authorizer.namespaces(caller.principal, action)
 
     async def audit(
         self,

@@ -154,6 +154,18 @@ class AgentClients:
         finally:
             call.cancel()
 
+    async def stream_pcap(self, address: str, capture_id: str) -> AsyncIterator[bytes]:
+        """The capture's pcap as the agent's tcpdump writes it, until it is complete. No deadline (it lasts as
+        long as the capture); the gRPC stream's flow control paces the agent to the reader."""
+        call = self._stub(address).StreamPcap(agent_pb2.AgentCaptureRef(capture_id=capture_id))
+        try:
+            async for chunk in call:
+                yield chunk.data
+        except grpc.aio.AioRpcError as exc:
+            raise _error(address, exc) from exc
+        finally:
+            call.cancel()
+
     async def close(self) -> None:
         for channel, _ in self._stubs.values():
             await channel.close(grace=None)

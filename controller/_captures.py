@@ -53,6 +53,7 @@ from ._errors import (
     WrongState,
 )
 from ._inventory import Inventory, Pod
+from ._pods import capturable_pods
 from ._validation import CaptureLimitsCaps, CaptureRequest, validate
 
 log = logging.getLogger(__name__)
@@ -416,6 +417,10 @@ class Captures:
         rows = rows[:size]
         return Page(rows, _encode_token(rows[-1]) if more else "")
 
+    async def pods(self, caller: Caller, namespace: str) -> list[Pod]:
+        """ListPods: the running pods the caller may capture (`_pods.py`)."""
+        return await capturable_pods(self._inventory, self._access, caller, namespace)
+
     async def watch(self, capture_id: str, caller: Caller) -> AsyncIterator[CaptureRow]:
         """The capture now and after every change, ending once it is terminal and every summary is in."""
         capture_id = (await self.get(capture_id, caller)).id
@@ -518,6 +523,36 @@ class Captures:
             close = getattr(chunks, "close", None)
             if close is not None:
                 await asyncio.to_thread(close)
+
+    async def stream_packets(self, capture_id: str, index: int, caller: Caller) -> AsyncIterator[bytes]:
+        """One target's pcap while it is captured, straight from its node (the same bytes the store gets), once
+        the caller may download it; ends when the pcap is complete."""
+        row = await self._get(capture_id)
+
+        def streamable() -> None:
+            if not 0 <= index < len(row.targets):
+                raise InvalidRequest(f"capture {row.id} has no target {index} (it has {len(row.targets)})")
+            target = row.targets[index]
+            if target.state == CaptureState.PENDING:
+                raise WrongState(f"capture {row.id} has not started on its node yet; retry in a moment")
+            if target.state in TERMINAL_STATES:
+                raise WrongState(
+                    f"capture {row.id} has ended ({target.state.value}): "
+                    + ("download its pcap instead" if target.sha256 else "it stored no pcap")
+                )
+
+        await self._access.check(
+            caller,
+            Action.DOWNLOAD,
+            row.namespace,
+            Audited.STREAM,
+            capture_id=row.id,
+            detail=f"target {index}",
+            precondition=streamable,
+        )
+        target = row.targets[index]
+        async for chunk in self._agents.stream_pcap(target.agent_address, _agent_capture_id(row.id, index)):
+            yield chunk
 
     async def start(self) -> None:
         """Starts the reconciler: it follows every non-terminal target that no live replica follows."""

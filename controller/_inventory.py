@@ -48,6 +48,10 @@ class Inventory(Protocol):
         """Pods in `namespace` matching a Kubernetes label selector."""
         ...
 
+    def running_pods(self, namespace: str) -> list[Pod]:
+        """The Running pods of `namespace`, or of every namespace when it is empty, by namespace and name."""
+        ...
+
     def agent_address(self, node: str) -> str:
         """`host:port` of the ready capture agent on `node`, or NoAgentOnNode naming the node."""
         ...

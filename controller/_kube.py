@@ -41,6 +41,7 @@ from podcap.controller._errors import (
 from podcap.controller._inventory import AGENT_LABEL, ContainerStatus, Pod
 
 _RETRIES = urllib3.Retry(total=0)
+_RUNNING = "status.phase=Running"
 
 
 class KubernetesInventory:
@@ -100,6 +101,20 @@ class KubernetesInventory:
             )
         return [_to_pod(pod) for pod in pods.items]
 
+    def running_pods(self, namespace: str) -> list[Pod]:
+        # One request either way: /api/v1/namespaces/NS/pods, or /api/v1/pods across namespaces.
+        with self._translate_errors("list", namespace):
+            if namespace:
+                pods = self._core.list_namespaced_pod(
+                    namespace, field_selector=_RUNNING, _request_timeout=self._timeout
+                )
+            else:
+                pods = self._core.list_pod_for_all_namespaces(
+                    field_selector=_RUNNING, _request_timeout=self._timeout
+                )
+        found = [_to_pod(pod) for pod in pods.items]
+        return sorted(found, key=lambda pod: (pod.namespace, pod.name))
+
     def agent_address(self, node: str) -> str:
         with self._translate_errors("list", self._agent_namespace):
             pods = self._core.list_namespaced_pod(
@@ -126,7 +141,7 @@ class KubernetesInventory:
 
     @contextmanager
     def _translate_errors(self, verb: str, namespace: str, name: str | None = None) -> Iterator[None]:
-        what = f"{verb} pods in namespace {namespace}"
+        what = f"{verb} pods in namespace {namespace}" if namespace else f"{verb} pods in all namespaces"
         try:
             yield
         except ApiException as error:

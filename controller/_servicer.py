@@ -179,6 +179,32 @@ class CaptureServicer(capture_pb2_grpc.CaptureServiceServicer):
             yield capture_pb2.DownloadChunk(data=chunk)
 
     @maps_errors(ERRORS)
+    async def ListPods(
+        self, request: capture_pb2.ListPodsRequest, context: Context
+    ) -> capture_pb2.ListPodsResponse:
+        pods = await self._captures.pods(await self._caller(context), request.namespace)
+        return capture_pb2.ListPodsResponse(
+            pods=[
+                capture_pb2.PodInfo(
+                    namespace=pod.namespace,
+                    name=pod.name,
+                    node=pod.node,
+                    pod_ip=pod.ips[0] if pod.ips else "",
+                    host_network=pod.host_network,
+                )
+                for pod in pods
+            ]
+        )
+
+    @maps_stream_errors(ERRORS)
+    async def StreamPackets(
+        self, request: capture_pb2.StreamPacketsRequest, context: Context
+    ) -> AsyncIterator[capture_pb2.DownloadChunk]:
+        caller = await self._caller(context, Audited.STREAM)
+        async for chunk in self._captures.stream_packets(request.id, request.target, caller):
+            yield capture_pb2.DownloadChunk(data=chunk)
+
+    @maps_errors(ERRORS)
     async def DeleteCapture(
         self, request: capture_pb2.DeleteCaptureRequest, context: Context
     ) -> capture_pb2.DeleteCaptureResponse:

@@ -78,6 +78,13 @@ class StaticInventory:
             if pod_namespace == namespace and selector.matches(pod.labels)
         ]
 
+    def running_pods(self, namespace: str) -> list[Pod]:
+        return [
+            _copy(pod)
+            for (pod_namespace, _), pod in sorted(self._pods.items())
+            if namespace in ("", pod_namespace) and pod.phase == "Running"
+        ]
+
     def agent_address(self, node: str) -> str:
         address = self._agents.get(node)
         if address is None:

@@ -228,7 +228,7 @@ def test_filters_that_do_not_compile_are_refused(agent: Agent, filter_expr: str)
 def test_bad_capture_ids_are_refused(agent: Agent, capture_id: str) -> None:
     request = agent.request(capture_id=capture_id, object_key="fuzz/ok.pcap")
     assert "capture_id" in _refused(agent, request, {Code.INVALID_ARGUMENT})
-    for rpc in ("GetCapture", "StopCapture", "WatchCapture"):
+    for rpc in ("GetCapture", "StopCapture", "WatchCapture", "StreamPcap"):
         raw = agent_pb2.AgentCaptureRef(capture_id=capture_id).SerializeToString()
         code, details = call(agent.channel, SERVICE, rpc, raw)
         assert_answer(code, details, {Code.INVALID_ARGUMENT}, rpc)
@@ -400,7 +400,9 @@ def _finish_accepted(
 
 @LONG
 @SETTINGS
-@given(rpc=st.sampled_from(["GetCapture", "StopCapture", "WatchCapture"]), capture_id=capture_ids)
+@given(
+    rpc=st.sampled_from(["GetCapture", "StopCapture", "WatchCapture", "StreamPcap"]), capture_id=capture_ids
+)
 def test_rpcs_by_capture_id(agent: Agent, rpc: str, capture_id: str) -> None:
     known = _known(agent)
     raw = agent_pb2.AgentCaptureRef(capture_id=capture_id).SerializeToString()
@@ -429,6 +431,7 @@ def _templates(agent: Agent) -> dict[str, Message]:
         "StopCapture": ref,
         "GetCapture": ref,
         "WatchCapture": ref,
+        "StreamPcap": ref,
         "ListCaptures": agent_pb2.ListAgentCapturesRequest(),
         "ResolvePod": agent_pb2.ResolvePodRequest(
             pod=agent_pb2.PodRef(namespace="shop", name="server", ips=["10.251.2.10"]), pod_interface="eth0"

@@ -45,7 +45,15 @@ from tests.support.processes import ControllerProcess, free_port, wait_healthy
 
 SERVICE = capture_pb2.DESCRIPTOR.services_by_name["CaptureService"]
 RPCS = [method.name for method in SERVICE.methods]
-BY_ID = ["GetCapture", "WatchCapture", "StopCapture", "GetDownloadUrl", "DownloadCapture", "DeleteCapture"]
+BY_ID = [
+    "GetCapture",
+    "WatchCapture",
+    "StopCapture",
+    "GetDownloadUrl",
+    "DownloadCapture",
+    "StreamPackets",
+    "DeleteCapture",
+]
 Code = grpc.StatusCode
 # What CaptureService may answer to input it cannot act on (DESIGN.md, "API contract").
 FOR_BAD_INPUT = frozenset(
@@ -161,6 +169,7 @@ def _templates() -> dict[str, Message]:
         "ListCaptures": capture_pb2.ListCapturesRequest(
             namespace="shop", pod="web-1", page_token="abc", requester="anonymous"
         ),
+        "ListPods": capture_pb2.ListPodsRequest(namespace="shop"),
         **{name: message_class(SERVICE.methods_by_name[name].input_type)(id="0" * 32) for name in BY_ID},
     }
 
@@ -293,7 +302,7 @@ def test_every_rpc_is_fuzzed() -> None:
         set(_templates())
         == set(RPCS)
         == {rpc for rpc, _ in CASES}
-        == {"CreateCapture", "ListCaptures", *BY_ID}
+        == {"CreateCapture", "ListCaptures", "ListPods", *BY_ID}
     )
 
 
