@@ -34,6 +34,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Sequence
 from datetime import timedelta
@@ -297,15 +298,28 @@ async def _write(fd: int, data: bytes) -> None:
                 loop.remove_writer(fd)
 
 
+_CLOSE_WAIT_S = 10.0
+
+
 def _close_fifo(path: str) -> None:
-    """After a failure, open and close the FIFO once so a Wireshark waiting on it sees the end (and stderr)."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
-    except OSError as exc:
-        if exc.errno not in (errno.ENXIO, errno.ENOENT):  # ENXIO: nobody reads; ENOENT: it is gone
-            print(f"podcap-extcap: cannot close {path}: {exc}", file=sys.stderr)
+    """After a failure, open and close the FIFO once so a Wireshark waiting on it sees the end (and stderr).
+
+    The reader may not have opened it yet (dumpcap starts it after the extcap, later still on a loaded machine):
+    until it has, a non-blocking open fails with ENXIO, so that is retried for a while rather than leaving a
+    reader that comes a moment later blocked for good."""
+    deadline = time.monotonic() + _CLOSE_WAIT_S
+    while True:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO and time.monotonic() < deadline:  # nobody reads it yet
+                time.sleep(0.05)
+                continue
+            if exc.errno not in (errno.ENXIO, errno.ENOENT):  # ENOENT: it is gone
+                print(f"podcap-extcap: cannot close {path}: {exc}", file=sys.stderr)
+            return
+        os.close(fd)
         return
-    os.close(fd)
 
 
 # -- `podcap extcap install` -------------------------------------------------------------------------------------
