@@ -236,7 +236,8 @@ async def _run_capture(
             request_id=uuid.uuid4().hex,
         )
         # Nothing on stderr unless something fails: Wireshark shows whatever an extcap writes there as an error.
-        copy = asyncio.create_task(_copy(conn, capture.id, fifo_path))
+        opened: list[int] = []
+        copy = asyncio.create_task(_copy(conn, capture.id, fifo_path, opened))
         stop = asyncio.create_task(stopping.wait())
         complete = False
         try:
@@ -252,15 +253,20 @@ async def _run_capture(
                 # than at its duration (what was captured is stored all the same).
                 with contextlib.suppress(ClientError):
                     await conn.stop(capture.id)
+            if not opened:
+                # Stopped before the copy opened the FIFO: a reader waiting on it must still see its end.
+                await asyncio.to_thread(_close_fifo, fifo_path)
     return 0
 
 
-async def _copy(conn: Connection, capture_id: str, fifo_path: str) -> bool:
+async def _copy(conn: Connection, capture_id: str, fifo_path: str, opened: list[int]) -> bool:
     """Copies the live pcap into the FIFO until it is complete (True), or until the reader leaves (False).
 
     The FIFO is written non-blocking, waiting on the event loop: a slow reader holds the stream back (gRPC's
-    flow control, not memory), and a stop (SIGTERM) never waits for a blocked write or open."""
+    flow control, not memory), and a stop (SIGTERM) never waits for a blocked write or open. `opened` gets the
+    descriptor once the FIFO is open."""
     fd = await _open_for_writing(fifo_path)
+    opened.append(fd)
     try:
         async for chunk in conn.stream_packets(capture_id):
             try:
