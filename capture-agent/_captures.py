@@ -5,7 +5,9 @@ stops them on request or at shutdown, and lets callers watch them change. The pc
 uploaded while it grows; a capture is COMPLETED, and downloadable, as soon as the object store confirmed the
 upload. Its summary follows with its own state (PENDING until made): summaries run one at a time on the node, in
 one low-priority thread whose tsharks (`Limits.summary_tsharks`) bound the memory they take however many captures
-end together. A job's spool directory outlives the agent: the next agent start recovers it and finishes the
+end together. Its network context (_context.py) is read once tcpdump listens and again once it ended, in
+low-priority threads beside the upload, and stored next to the pcap before the capture is COMPLETED; it never
+fails a capture and waits at most `_CONTEXT_S` for it. A job's spool directory outlives the agent: the next agent start recovers it and finishes the
 upload, or only the summary.
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import logging
 import os
 import signal
@@ -24,8 +27,10 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-from podcap.storage import ObjectStore, StoredObject
+from podcap.storage import ObjectStore, StoredObject, context_key
 
+from ._confine import confined
+from ._context import NetworkContext, Reading, Target, Tools, digest, read_context
 from ._errors import (
     AgentError,
     CaptureError,
@@ -35,12 +40,13 @@ from ._errors import (
     PcapGone,
     UnknownCapture,
 )
+from ._exchanges import summarise_with_exchanges
 from ._model import TERMINAL, CaptureSnapshot, CaptureSpec, JobState, Limits, Programs
 from ._pcapfile import count_pcap_packets
 from ._priority import lower_this_thread
 from ._resolve import Interface, Resolution, Resolver
 from ._spool import Ended, Spool, SpoolEntry
-from ._summary import Summary, summarise
+from ._summary import Summary
 from ._tcpdump import Tcpdump, TcpdumpStats, tcpdump_argv
 from ._upload import GrowingFileUploader, RetryPolicy
 
@@ -52,6 +58,9 @@ _NETNS_CHECK_S = 1.0
 _PROGRESS_S = 1.0
 # A live stream's reads of the spool file: as large as a gRPC message comfortably holds.
 _STREAM_READ = 256 * 1024
+# The most a capture's end waits for its network context (read and stored): tools have their own timeouts
+# (_context.TOOL_TIMEOUT_S); this bounds the sum, so a stuck source costs the context, never the capture.
+_CONTEXT_S = 15.0
 
 
 @dataclass
@@ -62,6 +71,7 @@ class CaptureJob:
     stop_requested: asyncio.Event = field(default_factory=asyncio.Event)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
+    context_start: asyncio.Future[Reading] | None = None  # the network context read once tcpdump listens
 
     def update(self, **changes: object) -> None:
         self.snapshot = replace(self.snapshot, **changes)  # type: ignore[arg-type]
@@ -88,6 +98,9 @@ class CaptureManager:
         self._store = store
         self._spool = spool
         self._programs = programs or Programs.find()
+        # NAT rules and conntrack need CAP_NET_ADMIN (iptables' legacy backend a raw socket too); nothing more.
+        launch = confined(self._programs.setpriv, tcpdump_user, ["net_admin", "net_raw"])
+        self._tools = Tools(self._programs, tuple(launch))
         self._user = tcpdump_user
         self._limits = limits or Limits()
         self._retry = retry or RetryPolicy()
@@ -98,6 +111,11 @@ class CaptureManager:
         # One thread, so one summary at a time node-wide; at low priority, which its tsharks inherit.
         self._summaries = ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="summary", initializer=lower_this_thread
+        )
+        # Network context readings: two at a time (a capture's start and another's end), at low priority, which
+        # the tools they run (conntrack, iptables-save) inherit.
+        self._contexts = ThreadPoolExecutor(
+            max_workers=2, thread_name_prefix="context", initializer=lower_this_thread
         )
         self._shutting_down = False
 
@@ -167,6 +185,8 @@ class CaptureManager:
             await _undo_start(spec.capture_id, entry, tcpdump)
             raise
         job = CaptureJob(snapshot=snapshot, spool=entry, tcpdump=tcpdump)
+        # Read while StartCapture answers: it never waits for the context.
+        job.context_start = self._read_context(Target.of(resolution, spec.pod_ips), full=False)
         self._jobs[spec.capture_id] = job
         job.task = asyncio.create_task(self._run(job), name=f"capture-{spec.capture_id}")
         log.info("capture %s: tcpdump listening on %s", spec.capture_id, resolution.interface)
@@ -240,6 +260,7 @@ class CaptureManager:
 
     async def _run(self, job: CaptureJob) -> None:
         spec = job.snapshot.spec
+        context: asyncio.Task[NetworkContext | None] | None = None
         writer_done = asyncio.Event()
         uploader = GrowingFileUploader(
             self._store, spec.object_key, job.spool.pcap, retry=self._retry, on_retry=self._on_retry(job)
@@ -250,6 +271,7 @@ class CaptureManager:
         try:
             problem = await self._capture_until_done(job)
             stats, failure = await self._finish_tcpdump(job)
+            context = asyncio.create_task(self._record_context(job), name=f"context-{spec.capture_id}")
             failure = problem or failure
             ended = datetime.now(UTC)
             interruption = _cut_short(job, ended, "the agent shut down") if self._shutting_down else ""
@@ -259,8 +281,10 @@ class CaptureManager:
             await asyncio.to_thread(job.spool.record_ended, record)
             job.update(state=JobState.UPLOADING, stats=stats, ended_at=ended, interruption=interruption)
             writer_done.set()
-            await self._finish_upload(job, upload, failure)
+            await self._finish_upload(job, upload, failure, context)
         except asyncio.CancelledError:
+            if context is not None:
+                context.cancel()
             upload.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await upload
@@ -268,6 +292,8 @@ class CaptureManager:
                 await job.tcpdump.kill()
             raise
         except Exception as exc:
+            if context is not None:
+                context.cancel()
             upload.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await upload
@@ -279,13 +305,26 @@ class CaptureManager:
                 state=JobState.FAILED, error=message, ended_at=job.snapshot.ended_at or datetime.now(UTC)
             )
 
-    async def _finish_upload(self, job: CaptureJob, upload: asyncio.Task[StoredObject], failure: str) -> None:
-        """Waits for the confirmed upload: then the capture is done and downloadable, and its summary follows."""
+    async def _finish_upload(
+        self,
+        job: CaptureJob,
+        upload: asyncio.Task[StoredObject],
+        failure: str,
+        context: asyncio.Task[NetworkContext | None] | None = None,
+    ) -> None:
+        """Waits for the confirmed upload (and the network context, read meanwhile): then the capture is done and
+        downloadable, and its summary follows."""
         stored = await upload
         await asyncio.to_thread(job.spool.record_stored, stored)  # a restart now only has the summary to make
+        network = await context if context is not None else None
         state = JobState.FAILED if failure else JobState.COMPLETED
         job.update(
-            state=state, size=stored.size, sha256=stored.sha256, error=failure, summary=Summary(pending=True)
+            state=state,
+            size=stored.size,
+            sha256=stored.sha256,
+            error=failure,
+            summary=Summary(pending=True),
+            context=network,
         )
         log.info(
             "capture %s: %s, %d bytes stored at %s",
@@ -308,7 +347,7 @@ class CaptureManager:
         """What is inside the pcap; a summary that cannot be made never costs the capture."""
         cancel = threading.Event()
         work = functools.partial(
-            summarise,
+            summarise_with_exchanges,
             pcap,
             cancel=cancel,
             workers=self._limits.summary_tsharks,
@@ -324,6 +363,32 @@ class CaptureManager:
         except Exception as exc:  # a missing file after a crash, say: the pcap itself is what matters
             log.warning("cannot summarise %s: %s", pcap, exc)
             return Summary(error=f"no summary: {exc}")
+
+    def _read_context(self, target: Target, *, full: bool) -> asyncio.Future[Reading]:
+        work = functools.partial(read_context, target, self._tools, full=full)
+        return asyncio.get_running_loop().run_in_executor(self._contexts, work)
+
+    async def _record_context(self, job: CaptureJob) -> NetworkContext | None:
+        """The capture's network context, read at its end and stored as JSON next to the pcap, or None when it
+        cannot be had within _CONTEXT_S (logged: the capture itself is what matters)."""
+        snapshot = job.snapshot
+        spec = snapshot.spec
+        key = context_key(spec.object_key)
+        try:
+            async with asyncio.timeout(_CONTEXT_S):
+                start = None
+                if job.context_start is not None:
+                    with contextlib.suppress(Exception):  # read_context raises for nothing it reads; be sure
+                        start = await job.context_start
+                end = await self._read_context(Target.of(snapshot.resolution, spec.pod_ips), full=True)
+                network, record = digest(spec.object_key, start, end)
+                record["capture_id"] = spec.capture_id
+                data = json.dumps(record, indent=1).encode()
+                await asyncio.to_thread(_put, self._store, key, data)
+                return network
+        except Exception as exc:  # TimeoutError included
+            log.warning("capture %s: no network context: %s", spec.capture_id, exc or type(exc).__name__)
+            return None
 
     def _on_retry(self, job: CaptureJob) -> Callable[[int, Exception, float], None]:
         def report(attempt: int, exc: Exception, delay: float) -> None:
@@ -546,8 +611,11 @@ class CaptureManager:
         for job in self._jobs.values():
             job.update()  # wakes watchers of stored captures, whose summaries now wait for the next start
         if not tasks:
+            self._contexts.shutdown(wait=False, cancel_futures=True)
             return
+        # The captures being stopped still read their context (bounded by _CONTEXT_S) within the grace.
         _, pending = await asyncio.wait(tasks, timeout=grace_s)
+        self._contexts.shutdown(wait=False, cancel_futures=True)
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
@@ -555,6 +623,16 @@ class CaptureManager:
             log.warning(
                 "%d uploads unfinished at shutdown; the next start uploads them from the spool", len(pending)
             )
+
+
+def _put(store: ObjectStore, key: str, data: bytes) -> None:
+    upload = store.open_upload(key)
+    try:
+        upload.write(data)
+        upload.complete()
+    except BaseException:
+        upload.abort()
+        raise
 
 
 def _cut_short(job: CaptureJob, ended: datetime, why: str) -> str:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, fields
 from datetime import datetime
 from typing import Any
 
+from ._context import NetworkContext
 from ._resolve import Resolution
 from ._summary import Summary
 from ._tcpdump import TcpdumpStats
@@ -66,6 +67,7 @@ class CaptureSnapshot:
     ended_at: datetime | None = None
     summary: Summary | None = None
     interruption: str = ""  # why it ended before its time (the agent died or shut down), for a person
+    context: NetworkContext | None = None  # the network around the capture, once tcpdump ended
 
     @property
     def settled(self) -> bool:
@@ -96,16 +98,30 @@ class Limits:
 @dataclass(frozen=True)
 class Programs:
     """Absolute paths of the programs the agent runs, found once at its start: no exec of the agent searches PATH,
-    so nothing put on PATH later, or a relative PATH entry, decides what runs as root."""
+    so nothing put on PATH later, or a relative PATH entry, decides what runs as root.
+
+    setpriv, tcpdump and tshark are required. The tools a capture's network context reads with (_context.py) are
+    optional: "" when missing, and the context then says so instead of reading that source."""
 
     setpriv: str
     tcpdump: str
     tshark: str
+    iptables_save: str = ""
+    ip6tables_save: str = ""
+    conntrack: str = ""
+    ipvsadm: str = ""
 
     @classmethod
-    def find(cls, tcpdump: str = "tcpdump", tshark: str = "tshark", setpriv: str = "setpriv") -> Programs:
+    def find(
+        cls,
+        tcpdump: str = "tcpdump",
+        tshark: str = "tshark",
+        setpriv: str = "setpriv",
+        optional: Mapping[str, str] | None = None,
+    ) -> Programs:
         """Each program (a name looked up on PATH, or a path) as an absolute path; FileNotFoundError naming every
-        one that is missing or not executable."""
+        required one that is missing or not executable. ``optional`` overrides the names of the optional ones
+        (role -> name or path)."""
         wanted = {"setpriv": setpriv, "tcpdump": tcpdump, "tshark": tshark}
         found = {role: shutil.which(program) for role, program in wanted.items()}
         missing = [repr(wanted[role]) for role, path in found.items() if path is None]
@@ -114,4 +130,16 @@ class Programs:
                 f"{', '.join(missing)} not found on PATH (or not executable): the agent runs setpriv "
                 "(util-linux), tcpdump and tshark, and cannot work without any of them"
             )
-        return cls(**{role: os.path.abspath(path) for role, path in found.items() if path is not None})
+        names = {**_OPTIONAL, **(optional or {})}
+        extra = {role: shutil.which(program) or "" for role, program in names.items()}
+        paths = {role: os.path.abspath(path) for role, path in {**found, **extra}.items() if path}
+        return cls(**paths)
+
+
+# The optional programs and the names they are looked up by.
+_OPTIONAL = {
+    "iptables_save": "iptables-save",
+    "ip6tables_save": "ip6tables-save",
+    "conntrack": "conntrack",
+    "ipvsadm": "ipvsadm",
+}

@@ -1,9 +1,11 @@
-"""rtnetlink spoken directly: what nsid this netns gave another one, and the links and addresses of a netns.
+"""rtnetlink spoken directly: what nsid this netns gave another one; the links, addresses, routes, neighbours and
+device counters of a netns.
 
 Resolution reads the devices of the node and of every pod namespace that a node device points into. Doing that
 with ``ip -j`` costs a subprocess per namespace (~3.4 ms, so ~0.7 s on a node with 200 pods) and pyroute2 costs
 ~200 ms to import; the three requests needed here (RTM_GETNSID, RTM_GETLINK, RTM_GETADDR) are a few ``struct``
-formats, so they are written out.
+formats, so they are written out. A capture's network context (_context.py) asks the same way for a pod's routes
+(RTM_GETROUTE), neighbours (RTM_GETNEIGH) and one device's counters (IFLA_STATS64), twice per capture.
 
 Interface indexes are only unique inside one netns (every pod's ``eth0`` is ifindex 2), so a veth names its peer
 by ifindex *and* ``link_netnsid``: the id the veth's own netns gave the netns the peer lives in. RTM_GETNSID asks
@@ -28,13 +30,25 @@ import os
 import socket
 import struct
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
+from typing import TypeVar
 
-__all__ = ["IPAddress", "Link", "RouteSocket", "links_in"]
+__all__ = [
+    "Counters",
+    "IPAddress",
+    "Link",
+    "Neighbour",
+    "Route",
+    "RouteSocket",
+    "links_in",
+    "read_in",
+    "socket_in",
+]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+T = TypeVar("T")
 
 _NETLINK_ROUTE = 0
 _CLONE_NEWNET = 0x40000000
@@ -43,13 +57,17 @@ _NLM_F_REQUEST, _NLM_F_DUMP = 0x1, 0x300
 _NLM_F_DUMP_INTR = 0x10  # the dump raced with a change: its content may be inconsistent, ask again
 _RTM_NEWLINK, _RTM_GETLINK = 16, 18
 _RTM_NEWADDR, _RTM_GETADDR = 20, 22
+_RTM_NEWROUTE, _RTM_GETROUTE = 24, 26
+_RTM_NEWNEIGH, _RTM_GETNEIGH = 28, 30
 _RTM_NEWNSID, _RTM_GETNSID = 88, 90
 _IFLA_ADDRESS, _IFLA_IFNAME, _IFLA_LINK, _IFLA_LINKINFO = 1, 3, 5, 18
-_IFLA_EXT_MASK, _IFLA_LINK_NETNSID = 29, 37
+_IFLA_STATS64, _IFLA_EXT_MASK, _IFLA_LINK_NETNSID = 23, 29, 37
 _IFLA_INFO_KIND = 1
 _RTEXT_FILTER_SKIP_STATS = 1 << 3  # statistics are most of a link message and of its parsing time
 _IFA_ADDRESS, _IFA_LOCAL = 1, 2
 _NETNSA_NSID, _NETNSA_FD = 1, 3
+_RTA_DST, _RTA_OIF, _RTA_GATEWAY, _RTA_PRIORITY, _RTA_PREFSRC, _RTA_TABLE = 1, 4, 5, 6, 7, 15
+_NDA_DST, _NDA_LLADDR = 1, 2
 _NSID_NOT_ASSIGNED = -1
 _DUMP_TRIES = 5
 _TIMEOUT_S = 5.0
@@ -57,6 +75,9 @@ _LINK_ATTRS = frozenset({_IFLA_ADDRESS, _IFLA_IFNAME, _IFLA_LINK, _IFLA_LINKINFO
 _KIND_ATTRS = frozenset({_IFLA_INFO_KIND})
 _ADDRESS_ATTRS = frozenset({_IFA_ADDRESS, _IFA_LOCAL})
 _NSID_ATTRS = frozenset({_NETNSA_NSID})
+_ROUTE_ATTRS = frozenset({_RTA_DST, _RTA_OIF, _RTA_GATEWAY, _RTA_PRIORITY, _RTA_PREFSRC, _RTA_TABLE})
+_NEIGH_ATTRS = frozenset({_NDA_DST, _NDA_LLADDR})
+_STATS_ATTRS = frozenset({_IFLA_STATS64})
 # Link types `ip` names when a device has no rtnetlink kind (if_arp.h); anything else shows its number.
 _LINK_TYPES = {1: "ether", 772: "loopback", 768: "ipip", 776: "sit", 778: "gre", 65534: "none"}
 
@@ -64,6 +85,9 @@ _NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
 _RTGENMSG = struct.Struct("=B3x")  # struct rtgenmsg padded to 4 bytes (NLMSG_ALIGN)
 _IFINFOMSG = struct.Struct("=BxHiII")  # family, type, index, flags, change
 _IFADDRMSG = struct.Struct("=BBBBI")  # family, prefixlen, flags, scope, index
+_RTMSG = struct.Struct("=BBBBBBBBI")  # family, dst_len, src_len, tos, table, protocol, scope, type, flags
+_NDMSG = struct.Struct("=BxxxiHBB")  # family, ifindex, state, flags, type
+_STATS64 = struct.Struct("=8Q")  # the first eight fields of struct rtnl_link_stats64, in its order
 _NLATTR = struct.Struct("=HH")  # len, type
 _U32 = struct.Struct("=I")
 _S32 = struct.Struct("=i")
@@ -86,6 +110,47 @@ class Link:
     addresses: tuple[tuple[IPAddress, int], ...]
     link_index: int | None
     link_netnsid: int | None
+
+
+@dataclass(frozen=True)
+class Route:
+    """One route as the kernel keeps it; ``table`` 254 is main (what ``ip route`` shows), 255 local."""
+
+    family: int
+    destination: IPAddress | None  # None for a default route
+    prefix_length: int
+    gateway: IPAddress | None
+    ifindex: int | None
+    source: IPAddress | None  # the preferred source address (RTA_PREFSRC)
+    metric: int | None
+    table: int
+    protocol: int  # RTPROT_*: 2 kernel, 3 boot, 4 static, ...
+    scope: int  # RT_SCOPE_*: 0 universe, 253 link, 254 host
+    type: int  # RTN_*: 1 unicast, 2 local, 5 multicast, 6 blackhole, ...
+
+
+@dataclass(frozen=True)
+class Neighbour:
+    """One neighbour (ARP / NDP) entry; ``state`` is the NUD_* bit set."""
+
+    address: IPAddress
+    ifindex: int
+    mac: str  # "" while unresolved
+    state: int
+
+
+@dataclass(frozen=True)
+class Counters:
+    """A device's packet counters since it was created (rtnl_link_stats64)."""
+
+    rx_packets: int
+    tx_packets: int
+    rx_bytes: int
+    tx_bytes: int
+    rx_errors: int
+    tx_errors: int
+    rx_dropped: int
+    tx_dropped: int
 
 
 class RouteSocket:
@@ -152,6 +217,33 @@ class RouteSocket:
             if address is not None:
                 out.setdefault(address[0], []).append(address[1:])
         return out
+
+    def routes(self) -> list[Route]:
+        """Every IPv4 and IPv6 route of this netns, of every table."""
+        body = _RTMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0, 0, 0, 0, 0)
+        routes = (_parse_route(payload) for payload in self._dump(_RTM_GETROUTE, body))
+        return [route for route in routes if route is not None]
+
+    def neighbours(self) -> list[Neighbour]:
+        """Every IPv4 and IPv6 neighbour entry of this netns."""
+        body = _NDMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)
+        neighbours = (_parse_neighbour(payload) for payload in self._dump(_RTM_GETNEIGH, body))
+        return [neighbour for neighbour in neighbours if neighbour is not None]
+
+    def counters(self, ifindex: int) -> Counters | None:
+        """The counters of the device with ``ifindex``, or None when there is none."""
+        try:
+            for msg_type, payload in self._ask(_RTM_GETLINK, _ifinfomsg(ifindex)):
+                if msg_type == _RTM_NEWLINK:
+                    stats = _attrs(payload, _IFINFOMSG.size, _STATS_ATTRS).get(_IFLA_STATS64)
+                    if stats is None or len(stats) < _STATS64.size:
+                        return None
+                    return Counters(*_STATS64.unpack_from(stats))
+        except OSError as exc:
+            if exc.errno == errno.ENODEV:
+                return None
+            raise
+        return None
 
     def link(self, ifindex: int) -> Link | None:
         """The device with ``ifindex`` (without addresses), or None when there is none."""
@@ -235,6 +327,61 @@ def links_in(netns_fds: Sequence[int]) -> list[list[Link]]:
     return results
 
 
+def read_in(netns_fd: int | None, read: Callable[[RouteSocket], T]) -> T:
+    """``read`` with a RouteSocket of the namespace ``netns_fd`` (an open nsfs file; None: our own netns).
+
+    As in ``links_in``, a short-lived thread enters the namespace, makes the socket, reads and ends.
+    """
+    if netns_fd is None:
+        with RouteSocket() as rtnl:
+            return read(rtnl)
+    results: list[T] = []
+    errors: list[BaseException] = []
+
+    def visit() -> None:
+        try:
+            if _libc.setns(netns_fd, _CLONE_NEWNET) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"setns into a pod network namespace: {os.strerror(err)}")
+            with RouteSocket() as rtnl:
+                results.append(read(rtnl))
+        except BaseException as exc:  # handed to the calling thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=visit, name="podcap-netns-read", daemon=True)
+    thread.start()
+    thread.join()
+    if errors:
+        raise errors[0]
+    return results[0]
+
+
+def socket_in(netns_fd: int, family: int, kind: int) -> socket.socket:
+    """A new socket in the namespace ``netns_fd`` (an open nsfs file), for the caller to use from any thread.
+
+    A socket stays in the namespace it was created in, so a short-lived thread enters the namespace, makes the
+    socket and ends, as in ``links_in``: the agent talks from inside a pod without leaving a thread there.
+    """
+    made: list[socket.socket] = []
+    errors: list[BaseException] = []
+
+    def make() -> None:
+        try:
+            if _libc.setns(netns_fd, _CLONE_NEWNET) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"setns into a pod network namespace: {os.strerror(err)}")
+            made.append(socket.socket(family, kind | socket.SOCK_CLOEXEC))
+        except BaseException as exc:  # handed to the calling thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=make, name="podcap-netns-socket", daemon=True)
+    thread.start()
+    thread.join()
+    if errors:
+        raise errors[0]
+    return made[0]
+
+
 def _ifinfomsg(ifindex: int) -> bytes:
     return _IFINFOMSG.pack(socket.AF_UNSPEC, 0, ifindex, 0, 0)
 
@@ -305,3 +452,39 @@ def _parse_address(payload: bytes) -> tuple[int, IPAddress, int] | None:
     if raw is None or family not in (socket.AF_INET, socket.AF_INET6):
         return None
     return ifindex, ipaddress.ip_address(raw), prefixlen
+
+
+def _parse_route(payload: bytes) -> Route | None:
+    family, dst_len, _src_len, _tos, table, protocol, scope, route_type, _flags = _RTMSG.unpack_from(payload)
+    if family not in (socket.AF_INET, socket.AF_INET6):
+        return None  # multicast routing (RTNL_FAMILY_IPMR) and the like
+    attrs = _attrs(payload, _RTMSG.size, _ROUTE_ATTRS)
+    if _RTA_TABLE in attrs:  # the header's table is 8 bits; the attribute holds the whole id
+        (table,) = _U32.unpack(attrs[_RTA_TABLE])
+    oif, metric = attrs.get(_RTA_OIF), attrs.get(_RTA_PRIORITY)
+    return Route(
+        family=family,
+        destination=_ip(attrs.get(_RTA_DST)),
+        prefix_length=dst_len,
+        gateway=_ip(attrs.get(_RTA_GATEWAY)),
+        ifindex=_U32.unpack(oif)[0] if oif is not None else None,
+        source=_ip(attrs.get(_RTA_PREFSRC)),
+        metric=_U32.unpack(metric)[0] if metric is not None else None,
+        table=table,
+        protocol=protocol,
+        scope=scope,
+        type=route_type,
+    )
+
+
+def _parse_neighbour(payload: bytes) -> Neighbour | None:
+    family, ifindex, state, _flags, _type = _NDMSG.unpack_from(payload)
+    attrs = _attrs(payload, _NDMSG.size, _NEIGH_ATTRS)
+    address = _ip(attrs.get(_NDA_DST))
+    if address is None or family not in (socket.AF_INET, socket.AF_INET6):
+        return None
+    return Neighbour(address=address, ifindex=ifindex, mac=attrs.get(_NDA_LLADDR, b"").hex(":"), state=state)
+
+
+def _ip(raw: bytes | None) -> IPAddress | None:
+    return ipaddress.ip_address(raw) if raw is not None and len(raw) in (4, 16) else None

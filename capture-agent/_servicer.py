@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import asdict
 from typing import Any
 
 import grpc
@@ -13,6 +14,7 @@ from podcap.api.status import ErrorTable, maps_errors, maps_stream_errors
 from podcap.api.v1 import agent_pb2, agent_pb2_grpc, common_pb2
 
 from ._captures import CaptureManager
+from ._context import DeviceCounters, NetworkContext
 from ._errors import (
     AgentError,
     CaptureError,
@@ -26,6 +28,7 @@ from ._errors import (
     UnknownCapture,
 )
 from ._model import CaptureSnapshot, CaptureSpec, JobState
+from ._probe import Target, check_probe, probe
 from ._resolve import Interface, Resolution
 from ._summary import Summary, SummaryState
 from ._validation import check_capture_id, check_filter, check_pod, check_start
@@ -53,6 +56,8 @@ _STATES = {
     JobState.FAILED: common_pb2.CAPTURE_STATE_FAILED,
     JobState.CANCELLED: common_pb2.CAPTURE_STATE_CANCELLED,
 }
+# What a Probe keeps of its caller's deadline to send the answer in.
+_ANSWER_S = 0.2
 _SUMMARY_STATES = {
     SummaryState.PENDING: common_pb2.SUMMARY_STATE_PENDING,
     SummaryState.READY: common_pb2.SUMMARY_STATE_READY,
@@ -137,6 +142,28 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         )
 
     @maps_errors(ERRORS)
+    async def Probe(self, request: agent_pb2.ProbeRequest, context: Context) -> agent_pb2.ProbeResponse:
+        check_pod(request.pod.ips, "")
+        spec = check_probe(
+            request.host,
+            request.port,
+            [Target(a.step, a.label, a.address, a.port) for a in request.also],
+            request.timeout.seconds,
+            request.timeout.nanos,
+        )
+        resolution = await asyncio.to_thread(self._captures.resolve, tuple(request.pod.ips))
+        # The caller's deadline bounds the whole ladder, less a moment to answer in.
+        remaining = context.time_remaining()
+        budget = None if remaining is None else max(0.0, remaining - _ANSWER_S)
+        steps = await asyncio.to_thread(probe, resolution.netns, spec, budget)
+        return agent_pb2.ProbeResponse(
+            steps=[
+                common_pb2.DiagnoseStep(name=s.name, ok=s.ok, detail=s.detail, milliseconds=s.milliseconds)
+                for s in steps
+            ]
+        )
+
+    @maps_errors(ERRORS)
     async def ListInterfaces(
         self, request: agent_pb2.ListInterfacesRequest, context: Context
     ) -> agent_pb2.ListInterfacesResponse:
@@ -189,6 +216,31 @@ def _capture(s: CaptureSnapshot) -> agent_pb2.AgentCapture:
         end_time=timestamp(s.ended_at),
         summary=_summary(s.summary) if s.summary is not None else None,
         interruption=s.interruption,
+        context=_context(s.context) if s.context is not None else None,
+    )
+
+
+def _context(c: NetworkContext) -> common_pb2.NetworkContext:
+    def counters(d: DeviceCounters | None) -> common_pb2.DeviceCounters | None:
+        return common_pb2.DeviceCounters(**asdict(d)) if d is not None else None
+
+    conntrack = c.conntrack
+    return common_pb2.NetworkContext(
+        object_key=c.object_key,
+        start_time=timestamp(c.start_time),
+        end_time=timestamp(c.end_time),
+        pod_addresses=c.pod_addresses,
+        pod_routes=c.pod_routes,
+        pod_neighbours=c.pod_neighbours,
+        pod_device_start=counters(c.pod_device_start),
+        pod_device_end=counters(c.pod_device_end),
+        host_device_start=counters(c.host_device_start),
+        host_device_end=counters(c.host_device_end),
+        conntrack=common_pb2.Conntrack(**asdict(conntrack)) if conntrack is not None else None,
+        nat_rules=c.nat_rules,
+        ipvs=c.ipvs,
+        sources=[common_pb2.ContextSource(name=x.name, ok=x.ok, detail=x.detail) for x in c.sources],
+        warnings=c.warnings,
     )
 
 
@@ -217,4 +269,33 @@ def _summary(summary: Summary) -> common_pb2.CaptureSummary:
         dns_errors=summary.dns_errors,
         error=summary.error,
         state=_SUMMARY_STATES[summary.state],
+        tcp_attempts=[
+            common_pb2.TcpAttempt(
+                client=a.client,
+                server=a.server,
+                first_syn_time=timestamp(a.first_syn_time),
+                syns=a.syns,
+                syn_acks=a.syn_acks,
+                server_reset=a.server_reset,
+                client_reset=a.client_reset,
+                established=a.established,
+                retransmissions=a.retransmissions,
+            )
+            for a in summary.tcp_attempts
+        ],
+        dns_queries=[
+            common_pb2.DnsQuery(
+                client=q.client,
+                server=q.server,
+                id=q.id,
+                name=q.name,
+                type=q.type,
+                first_query_time=timestamp(q.first_query_time),
+                queries=q.queries,
+                answered=q.answered,
+                rcode=q.rcode,
+            )
+            for q in summary.dns_queries
+        ],
+        exchanges_truncated=summary.exchanges_truncated,
     )

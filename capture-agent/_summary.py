@@ -54,6 +54,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import struct
 import subprocess
 import tempfile
@@ -66,7 +67,22 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["Conversation", "ProtocolCount", "Summary", "SummaryState", "summarise"]
+from ._confine import confined
+
+__all__ = [
+    "Conversation",
+    "DnsQuery",
+    "ProtocolCount",
+    "Runner",
+    "Summary",
+    "SummaryState",
+    "TcpAttempt",
+    "TsharkFailed",
+    "Walk",
+    "launcher",
+    "summarise",
+    "walk_records",
+]
 
 _CHUNK_PACKETS = 200_000
 _CHUNK_BYTES = 128 << 20  # and a chunk of jumbo frames stays bounded too (IP reassembly keeps fragments)
@@ -119,6 +135,40 @@ class Conversation:
     bytes: int
 
 
+@dataclass(frozen=True)
+class TcpAttempt:
+    """One TCP connection attempt (a SYN) as this end saw it, keyed by the client's "address:port".
+
+    ``server`` is where the SYN went as seen here (a ClusterIP at the client's end, the endpoint at the server's).
+    `podcap.agent._exchanges` says how each field is told.
+    """
+
+    client: str
+    server: str
+    first_syn_time: datetime
+    syns: int = 0
+    syn_acks: int = 0
+    server_reset: bool = False
+    client_reset: bool = False
+    established: bool = False
+    retransmissions: int = 0
+
+
+@dataclass(frozen=True)
+class DnsQuery:
+    """One DNS query (client, server, id) as this end saw it; ``rcode`` is the answer's ("" if unanswered)."""
+
+    client: str
+    server: str
+    id: int
+    name: str
+    type: str
+    first_query_time: datetime
+    queries: int = 0
+    answered: bool = False
+    rcode: str = ""
+
+
 class SummaryState(enum.StrEnum):
     PENDING = "PENDING"  # queued or being made: nothing counted yet
     READY = "READY"
@@ -143,6 +193,10 @@ class Summary:
     tcp_resets: int = 0
     tcp_retransmissions: int = 0
     dns_errors: int = 0
+    # Every TCP connection attempt and DNS query, earliest first, at most 1000 of each (`_exchanges`).
+    tcp_attempts: tuple[TcpAttempt, ...] = ()
+    dns_queries: tuple[DnsQuery, ...] = ()
+    exchanges_truncated: bool = False
     error: str = ""
     pending: bool = False
 
@@ -158,6 +212,10 @@ class Summary:
         for name in ("first_packet_time", "last_packet_time"):
             value = getattr(self, name)
             record[name] = value.isoformat() if value is not None else None
+        for attempt in record["tcp_attempts"]:
+            attempt["first_syn_time"] = attempt["first_syn_time"].isoformat()
+        for query in record["dns_queries"]:
+            query["first_query_time"] = query["first_query_time"].isoformat()
         return json.dumps(record, separators=(",", ":"))
 
     @classmethod
@@ -192,6 +250,15 @@ class Summary:
                 tcp_resets=int(record.get("tcp_resets", 0)),
                 tcp_retransmissions=int(record.get("tcp_retransmissions", 0)),
                 dns_errors=int(record.get("dns_errors", 0)),
+                tcp_attempts=tuple(
+                    TcpAttempt(**{**a, "first_syn_time": _time_from_json(a["first_syn_time"])})
+                    for a in record.get("tcp_attempts", ())
+                ),
+                dns_queries=tuple(
+                    DnsQuery(**{**q, "first_query_time": _time_from_json(q["first_query_time"])})
+                    for q in record.get("dns_queries", ())
+                ),
+                exchanges_truncated=bool(record.get("exchanges_truncated", False)),
                 error=str(record.get("error", "")),
                 pending=bool(record.get("pending", False)),
             )
@@ -232,7 +299,7 @@ def summarise(
     deadline = time.monotonic() + timeout
     with pcap.open("rb") as source:
         cancel = cancel or threading.Event()
-        walk = _walk(source, chunk_packets, cancel)
+        walk = walk_records(source, chunk_packets, cancel)
         summary = Summary(
             packets=walk.packets,
             bytes=walk.wire_bytes,
@@ -250,10 +317,10 @@ def summarise(
         try:
             totals = _Totals()
             argv = _argv(setpriv_path, tshark_path, user)
-            runner = _Runner(argv, source.fileno(), walk.header, deadline, timeout, cancel)
+            runner = Runner(argv, source.fileno(), walk.header, deadline, timeout, cancel)
             for text in runner.run(walk.chunks, max(1, workers)):
                 totals.add(_parse(text))
-        except _TsharkFailed as error:
+        except TsharkFailed as error:
             return replace(summary, error=_join(walk.error, str(error)))
     return replace(
         summary,
@@ -265,7 +332,7 @@ def summarise(
     )
 
 
-class _TsharkFailed(Exception):
+class TsharkFailed(Exception):
     """tshark timed out, failed or printed something we cannot read; the message is the summary's error."""
 
 
@@ -290,7 +357,7 @@ def _time_from_json(value: object) -> datetime | None:
 
 
 @dataclass
-class _Walk:
+class Walk:
     """The file's global header, counts and time span of its complete records, and the chunks to give tshark."""
 
     header: bytes = b""
@@ -302,7 +369,7 @@ class _Walk:
     error: str = ""
 
 
-def _walk(source: BinaryIO, chunk_packets: int, cancel: threading.Event) -> _Walk:
+def walk_records(source: BinaryIO, chunk_packets: int, cancel: threading.Event) -> Walk:
     """Reads only record headers, a block at a time; stops at the first record that is cut short or absurd.
 
     It is linear in the file's size and never waits on anything, so only ``cancel`` (checked once a block) stops
@@ -310,7 +377,7 @@ def _walk(source: BinaryIO, chunk_packets: int, cancel: threading.Event) -> _Wal
     """
     size = os.fstat(source.fileno()).st_size
     header = source.read(_GLOBAL_HEADER)
-    walk = _Walk(header=header)
+    walk = Walk(header=header)
     if not header:
         walk.error = "the file is empty: not even a pcap header"
         return walk
@@ -396,14 +463,14 @@ def _not_pcap(header: bytes) -> str:
 # --- running tshark --------------------------------------------------------------------------------------------
 
 
+def launcher(setpriv: str, user: str) -> list[str]:
+    """The setpriv command line that runs what follows it as ``user`` (root if "") without any capability."""
+    return confined(setpriv, user)
+
+
 def _argv(setpriv: str, tshark: str, user: str) -> list[str]:
-    launcher = [setpriv, "--pdeathsig=KILL"]
-    if user:
-        launcher += [f"--reuid={user}", f"--regid={user}", "--clear-groups"]
-    # No capability in any set: root's too are computed from the (empty) inheritable and bounding sets at exec.
-    launcher += ["--inh-caps=-all", "--ambient-caps=-all", "--bounding-set=-all", "--no-new-privs", "--"]
     return [
-        *launcher,
+        *launcher(setpriv, user),
         tshark,
         "-r",
         "-",
@@ -427,8 +494,12 @@ def _argv(setpriv: str, tshark: str, user: str) -> list[str]:
     ]
 
 
-class _Runner:
-    """Runs each chunk through its own tshark, ``workers`` at a time, and stops them all at the first failure."""
+class Runner:
+    """Runs each chunk through its own tshark, ``workers`` at a time, and stops them all at the first failure.
+
+    ``argv`` may also be a program that starts tshark itself (the exchanges pass runs pyshark so): each child gets
+    its own process group, and a stop kills the whole group, so such a tshark dies with its parent.
+    """
 
     def __init__(
         self,
@@ -444,7 +515,7 @@ class _Runner:
         self._deadline, self._timeout, self._cancel = deadline, timeout, cancel
         self._lock = threading.Lock()
         self._live: set[subprocess.Popen[bytes]] = set()
-        self._error: _TsharkFailed | None = None
+        self._error: TsharkFailed | None = None
 
     def run(self, chunks: Sequence[tuple[int, int]], workers: int) -> list[str]:
         """The outputs in chunk order, or the first failure raised (not one it caused by stopping the others)."""
@@ -471,7 +542,7 @@ class _Runner:
         try:
             with self._lock:
                 if self._cancel.is_set():
-                    self._error = self._error or _TsharkFailed(_CANCELLED)
+                    self._error = self._error or TsharkFailed(_CANCELLED)
                 if self._error is not None:
                     os.close(feed)
                     return ""
@@ -489,7 +560,7 @@ class _Runner:
                     )
                 except OSError as error:
                     os.close(feed)
-                    self._fail(_TsharkFailed(f"tshark could not be started: {error}"))
+                    self._fail(TsharkFailed(f"tshark could not be started: {error}"))
                     return ""
                 self._live.add(process)
         finally:
@@ -498,12 +569,12 @@ class _Runner:
         feeder.start()
         try:
             out, err = self._wait(process)
-        except _TsharkFailed as error:
+        except TsharkFailed as error:
             self._fail(error)
             return ""
         finally:
             if process.poll() is None:
-                process.kill()  # its end of the pipe closes, so the feeder stops too
+                _kill_group(process)  # its end of the pipe closes, so the feeder stops too
                 process.communicate()
             feeder.join()
             with self._lock:
@@ -511,7 +582,7 @@ class _Runner:
         if process.returncode != 0:
             detail = _stderr_tail(err)
             self._fail(
-                _TsharkFailed(f"tshark failed (exit {process.returncode}){': ' + detail if detail else ''}")
+                TsharkFailed(f"tshark failed (exit {process.returncode}){': ' + detail if detail else ''}")
             )
             return ""
         return out.decode("utf-8", "replace")
@@ -523,19 +594,27 @@ class _Runner:
                 return process.communicate(timeout=max(0.0, min(self._deadline - time.monotonic(), _POLL_S)))
             except subprocess.TimeoutExpired:
                 if self._cancel.is_set():
-                    raise _TsharkFailed(_CANCELLED) from None
+                    raise TsharkFailed(_CANCELLED) from None
                 if time.monotonic() >= self._deadline:
-                    raise _TsharkFailed(
+                    raise TsharkFailed(
                         f"tshark did not finish within {self._timeout:g} s and was stopped; "
                         "only packet counts and times are given"
                     ) from None
 
-    def _fail(self, error: _TsharkFailed) -> None:
+    def _fail(self, error: TsharkFailed) -> None:
         with self._lock:
             if self._error is None:
                 self._error = error
                 for process in self._live:
-                    process.kill()
+                    _kill_group(process)
+
+
+def _kill_group(process: subprocess.Popen[bytes]) -> None:
+    """Kills the child and whatever it started in its process group (its own: ``start_new_session``)."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        process.kill()  # a group already gone; the child itself may still be unreaped
 
 
 def _feed(feed: int, source: int, header: bytes, chunk: tuple[int, int]) -> None:
@@ -623,7 +702,7 @@ def _parse(text: str) -> _Chunk:
             chunk.endpoints[key] = chunk.endpoints.get(key, 0) + int(m[4])
     missing = ({*_SECTIONS.values()} | {f"phs {name}" for name in _COUNTED.values()}) - seen
     if missing:
-        raise _TsharkFailed(f"tshark's output lacks statistics: {', '.join(sorted(missing))}")
+        raise TsharkFailed(f"tshark's output lacks statistics: {', '.join(sorted(missing))}")
     return chunk
 
 

@@ -21,6 +21,7 @@ import signal
 from dataclasses import dataclass
 from pathlib import Path
 
+from ._confine import confined
 from ._errors import CaptureError, InvalidCaptureRequest, MissingPrivilege
 
 _STATS = {
@@ -46,8 +47,8 @@ _STDERR_KEEP = 64 * 1024
 # An AF_PACKET socket is all tcpdump needs: promiscuous mode through PACKET_ADD_MEMBERSHIP takes no capability,
 # and tcpdump changes no interface setting (tests/agent/test_privileges.py captures on a routed /32 veth, a bridge
 # port veth and a node interface with this alone).
-_CAPS = "+net_raw"
-# What the agent must hold to run tcpdump as another user with only _CAPS (bit numbers of linux/capability.h):
+_CAP = "net_raw"
+# What the agent must hold to run tcpdump as another user with only _CAP (bit numbers of linux/capability.h):
 # setpriv can hand tcpdump only capabilities the agent has, changes ids and groups (SETUID, SETGID) and shrinks
 # tcpdump's bounding set (SETPCAP; without it setpriv silently leaves the bounding set whole). Signalling a process
 # of another user takes KILL, for SIGINT and for the parent-death signal alike: without it tcpdump could be
@@ -108,18 +109,9 @@ def tcpdump_argv(
     """
     if "\x00" in filter_expr:
         raise InvalidCaptureRequest("the filter contains a NUL character")
-    argv = [setpriv, "--pdeathsig=INT"]
-    if user:
-        argv += [
-            f"--reuid={user}",
-            f"--regid={user}",
-            "--clear-groups",
-            f"--inh-caps=-all,{_CAPS}",
-            f"--ambient-caps=-all,{_CAPS}",
-            f"--bounding-set=-all,{_CAPS}",
-            "--no-new-privs",
-        ]
-    argv += ["--", tcpdump, "-i", interface, "-w", str(spool_file), "-U", "-n"]
+    # Without a user the agent keeps tcpdump's uid and capabilities as they are (a local, unprivileged run).
+    argv = confined(setpriv, user, [_CAP], pdeathsig="INT") if user else [setpriv, "--pdeathsig=INT", "--"]
+    argv += [tcpdump, "-i", interface, "-w", str(spool_file), "-U", "-n"]
     argv += ["-s", str(snaplen)]
     if buffer_kib:
         argv += ["-B", str(buffer_kib)]

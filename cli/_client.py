@@ -73,7 +73,9 @@ class Connection:
         label_selector: str = "",
         pod_interface: str = "",
         host_network: bool = False,
+        between: Sequence[tuple[str, str, str]] = (),
     ) -> capture_pb2.Capture:
+        """`between`: (namespace, pod, service) per end, instead of `pod` and `label_selector`."""
         proto_duration = Duration()
         proto_duration.FromTimedelta(duration)
         request = capture_pb2.CreateCaptureRequest(
@@ -89,6 +91,10 @@ class Connection:
             label_selector=label_selector,
             pod_interface=pod_interface,
             host_network=host_network,
+            between=[
+                capture_pb2.CaptureEnd(namespace=namespace, pod=pod, service=service)
+                for namespace, pod, service in between
+            ],
         )
         try:
             return await self._stub.CreateCapture(request, timeout=_CALL_TIMEOUT_S, metadata=self._metadata)
@@ -185,6 +191,27 @@ class Connection:
         except grpc.aio.AioRpcError as exc:
             raise _error(exc) from exc
         return list(response.pods)
+
+    async def diagnose(
+        self, namespace: str, pod: str, host: str, port: int, duration: timedelta, reason: str = ""
+    ) -> capture_pb2.DiagnoseResponse:
+        """The ladder from inside the pod; the call lasts about as long as the capture it starts."""
+        capture_duration = Duration()
+        capture_duration.FromTimedelta(duration)
+        request = capture_pb2.DiagnoseRequest(
+            namespace=namespace,
+            pod=pod,
+            host=host,
+            port=port,
+            capture_duration=capture_duration,
+            reason=reason,
+        )
+        try:
+            return await self._stub.Diagnose(
+                request, timeout=_CALL_TIMEOUT_S + duration.total_seconds(), metadata=self._metadata
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise _error(exc) from exc
 
     async def download_url(self, capture_id: str, target: int) -> str:
         request = capture_pb2.GetDownloadUrlRequest(id=capture_id, target=target)

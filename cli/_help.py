@@ -12,7 +12,11 @@ EXAMPLES: dict[str, str] = {
     "capture": """\
   podcap capture shop/checkout-7d9f --filter 'tcp port 443' --duration 30s --download checkout.pcap
   podcap capture checkout-7d9f --duration 1m --wait          # the pod in the default namespace (podcap config)
-  podcap capture -n shop -l app=checkout --duration 30s --download all.pcapng""",
+  podcap capture -n shop -l app=checkout --duration 30s --download all.pcapng
+  podcap capture --between shop/frontend-5c4b payments/svc/api --duration 30s --download both.pcapng""",
+    "diagnose": """\
+  podcap diagnose shop/frontend-5c8d --to checkout:80     # a Service in the pod's namespace
+  podcap diagnose shop/frontend-5c8d --to api.example.com:443 --duration 10s -o json""",
     "get": """\
   podcap get 3f2a                   # a unique prefix of the id is enough
   podcap get 3f2a -o yaml""",

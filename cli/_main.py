@@ -1,6 +1,6 @@
 """The `podcap` command: support-staff commands over the public API, and the server entry points.
 
-Client commands (`capture`, `get`, `list`, `download`, `stop`) call CaptureService exactly as any script would;
+Client commands (`capture`, `diagnose`, `get`, `list`, `download`, `stop`) call CaptureService as any script would;
 `controller` and `agent` build their process's settings once from the flags and run the server.
 """
 
@@ -71,6 +71,35 @@ def _positive_duration(text: str) -> timedelta:
     return duration
 
 
+def _capture_end(text: str) -> tuple[str, str, str]:
+    """One --between end as (namespace, pod, service): NS/POD, NS/svc/NAME, POD or svc/NAME (namespace "": the
+    default namespace)."""
+    parts = text.split("/")
+    if len(parts) == 3 and parts[1] == "svc" and parts[0] and parts[2]:
+        return parts[0], "", parts[2]
+    if len(parts) == 2 and parts[0] == "svc" and parts[1]:
+        return "", "", parts[1]
+    if len(parts) == 2 and all(parts):
+        return parts[0], parts[1], ""
+    if len(parts) == 1 and parts[0]:
+        return "", parts[0], ""
+    raise argparse.ArgumentTypeError(
+        f"{text!r} is not NAMESPACE/POD, NAMESPACE/svc/SERVICE, POD or svc/SERVICE"
+    )
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    """HOST:PORT, with an IPv6 address in brackets ([fd00::1]:80); the controller judges the host."""
+    host, sep, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise argparse.ArgumentTypeError(f"{text!r}: write an IPv6 address in brackets, as [fd00::1]:80")
+    if not (sep and host and port.isdigit()):
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT, as in checkout:80 or 10.96.0.20:443")
+    return host, int(port)
+
+
 def _pod_ref(text: str) -> tuple[str, str]:
     """NAMESPACE/POD, or POD alone (namespace "": the default namespace, podcap config)."""
     namespace, sep, pod = text.rpartition("/")
@@ -102,7 +131,10 @@ def _parser(prog: str = "podcap") -> argparse.ArgumentParser:
         p.add_argument("-o", "--output", choices=["text", "json", "yaml"], default="text")
         return p
 
-    p = client("capture", "capture a pod's traffic, or every running pod a label selector matches")
+    p = client(
+        "capture",
+        "capture a pod's traffic, every running pod a label selector matches, or both ends of a conversation",
+    )
     p.add_argument("pod", type=_pod_ref, metavar="NAMESPACE/POD", nargs="?")
     p.add_argument(
         "-n",
@@ -111,6 +143,15 @@ def _parser(prog: str = "podcap") -> argparse.ArgumentParser:
     )
     p.add_argument(
         "-l", "--selector", default="", help="label selector, e.g. app=checkout (one pcap per pod)"
+    )
+    p.add_argument(
+        "--between",
+        nargs="+",
+        type=_capture_end,
+        default=[],
+        metavar="END",
+        help="both (or more) ends of a conversation at once, on whatever nodes they run: each END is "
+        "NAMESPACE/POD, NAMESPACE/svc/SERVICE (every ready endpoint pod), POD or svc/SERVICE (in -n)",
     )
     p.add_argument("--filter", default="", help="tcpdump capture filter, e.g. 'tcp port 443'")
     p.add_argument(
@@ -164,6 +205,28 @@ def _parser(prog: str = "podcap") -> argparse.ArgumentParser:
         metavar="PATH",
         help="with --live: where the live pcap goes, - for standard output (-w - | wireshark -k -i -)",
     )
+
+    p = client(
+        "diagnose",
+        "check from inside a pod whether it reaches HOST:PORT (its resolver, DNS, a TCP connect, a Service's "
+        "ClusterIP and an endpoint) while a short capture of the pod runs",
+    )
+    p.add_argument("pod", type=_pod_ref, metavar="NAMESPACE/POD")
+    p.add_argument("-n", "--namespace", help=f"the pod's namespace, for POD (${NAMESPACE_ENV}, config file)")
+    p.add_argument(
+        "--to",
+        type=_host_port,
+        required=True,
+        metavar="HOST:PORT",
+        help="a Service name (checkout, checkout.shop, ...), any DNS name or an IP address, and a TCP port",
+    )
+    p.add_argument(
+        "--duration",
+        type=_positive_duration,
+        default=timedelta(seconds=5),
+        help="how long the capture runs; the checks end within it (default 5s)",
+    )
+    p.add_argument("--reason", default="", help="why, for the audit trail (a ticket number, say)")
 
     p = client("get", "show one capture")
     p.add_argument("id")
@@ -496,7 +559,8 @@ async def _client_command(args: argparse.Namespace, settings: ClientSettings) ->
     json_output = args.output  # text, json or yaml
     async with Connection(settings.server, token=settings.token, tls=settings.tls, ca=settings.ca) as conn:
         if args.command == "capture":
-            namespace, pod = _capture_target(args, settings.namespace)
+            between = _between_ends(args, settings.namespace)
+            namespace, pod = ("", "") if between else _capture_target(args, settings.namespace)
             if args.download and args.download != STDOUT and args.download.exists() and not args.force:
                 raise ClientError(
                     f"{args.download} exists: give --force to replace it, or another --download PATH"
@@ -516,6 +580,7 @@ async def _client_command(args: argparse.Namespace, settings: ClientSettings) ->
                 label_selector=args.selector,
                 pod_interface=args.interface,
                 host_network=args.host_network,
+                between=between,
             )
             if args.wait or args.download or args.live:
                 capture = await _follow(
@@ -530,6 +595,18 @@ async def _client_command(args: argparse.Namespace, settings: ClientSettings) ->
             on_stdout = STDOUT in (args.download, args.write if args.live else None)
             print_capture(capture, json_output, sys.stderr if on_stdout else sys.stdout)
             return 0 if capture.state != conn.failed else 1
+        if args.command == "diagnose":
+            from ._diagnose import print_diagnosis
+
+            pod_namespace, pod = args.pod
+            if not (pod_namespace or settings.namespace):
+                raise ClientError(f"which namespace is pod {pod} in? Give NAMESPACE/{pod} or -n NAMESPACE")
+            host, port = args.to
+            diagnosis = await conn.diagnose(
+                pod_namespace or settings.namespace, pod, host, port, args.duration, args.reason
+            )
+            print_diagnosis(diagnosis, json_output, pod)
+            return 0 if all(step.ok for step in diagnosis.steps) else 1
         if args.command == "get":
             print_capture(await conn.get(args.id), json_output)
         elif args.command == "list":
@@ -624,6 +701,24 @@ def _run_server(args: argparse.Namespace) -> int:
         logging.getLogger("podcap").debug("refused configuration", exc_info=True)
         print(f"podcap {args.command}: {exc}", file=sys.stderr)
         return 2
+
+
+def _between_ends(args: argparse.Namespace, namespace: str) -> list[tuple[str, str, str]]:
+    """The --between ends with their namespaces filled in from -n (else the configured default)."""
+    if not args.between:
+        return []
+    if args.pod or args.selector:
+        raise ClientError("give NAMESPACE/POD, --selector or --between, only one of them")
+    ends = []
+    for end_namespace, pod, service in args.between:
+        if not (end_namespace or namespace):
+            shown = pod or f"svc/{service}"
+            raise ClientError(
+                f"which namespace is {shown} in? Give NAMESPACE/{shown}, -n NAMESPACE, ${NAMESPACE_ENV}, "
+                "or 'namespace:' in the config file"
+            )
+        ends.append((end_namespace or namespace, pod, service))
+    return ends
 
 
 def _capture_target(args: argparse.Namespace, namespace: str) -> tuple[str, str]:

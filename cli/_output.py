@@ -50,6 +50,11 @@ def _target(t: capture_pb2.CaptureTarget) -> dict[str, Any]:
             if t.HasField("resolution")
             else None
         ),
+        "context": (
+            json_format.MessageToDict(t.context, preserving_proto_field_name=True)
+            if t.HasField("context")
+            else None
+        ),
     }
 
 
@@ -62,6 +67,10 @@ def capture_dict(c: capture_pb2.Capture) -> dict[str, Any]:
         "namespace": c.namespace,
         "pod": c.pod,
         "label_selector": c.label_selector,
+        "between": [
+            f"{end.namespace}/{end.pod}" if end.pod else f"{end.namespace}/svc/{end.service}"
+            for end in c.between
+        ],
         "node": one["node"] if one else "",
         "interface": one["interface"] if one else "",
         "filter": c.filter,
@@ -86,6 +95,12 @@ def capture_dict(c: capture_pb2.Capture) -> dict[str, Any]:
         "stopped_by": c.stopped_by,
         "stopped": _time(c, "stop_time"),
         "targets": targets,
+        "verdicts": [
+            json_format.MessageToDict(
+                v, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+            )
+            for v in c.verdicts
+        ],
         "history": [
             {"state": _state(h.state), "time": h.time.ToJsonString(), "pod": h.pod, "detail": h.detail}
             for h in c.history
@@ -153,6 +168,8 @@ def print_capture(capture: capture_pb2.Capture, output: str | bool, out: TextIO 
 
 def _capture_lines(view: dict[str, Any]) -> Iterator[str]:
     keys = ["id", "state", "namespace", "label_selector" if view["label_selector"] else "pod"]
+    if view["between"]:
+        keys[-1] = "between"
     for key in (
         *keys,
         "filter",
@@ -164,6 +181,8 @@ def _capture_lines(view: dict[str, Any]) -> Iterator[str]:
         "ended",
     ):
         value = human_time(view[key]) if key in ("created", "started", "ended") else view[key]
+        if key == "between":
+            value = " and ".join(view[key])
         yield f"{key:>16}: {value}" + (_stopped(view) if key == "duration_seconds" else "")
     limits = ", ".join(
         f"{name} {human_size(value) if name in ('max_bytes', 'buffer_size') else value}"
@@ -189,6 +208,13 @@ def _capture_lines(view: dict[str, Any]) -> Iterator[str]:
             yield f"      error: {t['error']}"
         if t["summary"]:
             yield from _summary_lines(t["summary"])
+        if t["context"]:
+            yield from _context_lines(t["context"])
+    if view["verdicts"]:
+        yield "  Verdicts:"
+    for v in view["verdicts"]:
+        mark = "ok" if v.get("ok") else "!!"
+        yield f"    {mark} {v.get('subject', '')}: {v.get('verdict', '')}"
     for h in view["history"]:
         where = h["pod"] or "capture"
         detail = f" ({h['detail']})" if h["detail"] else ""
@@ -215,7 +241,7 @@ def print_captures(captures: list[capture_pb2.Capture], output: str | bool) -> N
         return
     print(f"{'ID':32}  {'STATE':9}  {'POD':40}  {'PACKETS':>8}  {'SIZE':>10}  CREATED")
     for v in views:
-        pod = f"{v['namespace']}/{v['pod'] or v['label_selector']}"
+        pod = " ".join(v["between"]) or f"{v['namespace']}/{v['pod'] or v['label_selector']}"
         size, created = human_size(v["bytes"]), human_time(v["created"])
         print(f"{v['id']:32}  {v['state']:9}  {pod[:40]:40}  {v['packets']:>8}  {size:>10}  {created}")
 
@@ -267,3 +293,39 @@ def print_config(view: dict[str, Any], output: str | bool) -> None:
             shown = "" if value == "" else str(value).lower() if isinstance(value, bool) else value
             source = "" if key == "token" and value != "not set" else f"  ({entry['source']})"
             print(f"{key:>12}: {shown or '-'}{source}")
+
+
+def _context_lines(context: dict[str, Any]) -> Iterator[str]:
+    """The network around the capture in a few lines; the whole record is the context.json object."""
+    addresses = "; ".join(context.get("pod_addresses", [])) or "?"
+    yield f"      network: pod {addresses}"
+    parts = []
+    if conntrack := context.get("conntrack"):
+        count, maximum = int(conntrack.get("count", 0)), int(conntrack.get("max", 0))
+        fill = f"{100 * count // maximum}% " if maximum else ""
+        parts.append(
+            f"conntrack {fill}full ({count}/{maximum}), {int(conntrack.get('pod_entries', 0))} entries of the pod"
+        )
+    parts.append(f"{len(context.get('nat_rules', []))} NAT rules")
+    if context.get("ipvs"):
+        parts.append(f"{len(context['ipvs'])} IPVS lines")
+    for label, start, end in (
+        ("host", "host_device_start", "host_device_end"),
+        ("pod", "pod_device_start", "pod_device_end"),
+    ):
+        if start in context and end in context:
+            grew = {
+                k: int(context[end].get(k, 0)) - int(context[start].get(k, 0))
+                for k in ("rx_dropped", "tx_dropped")
+            }
+            device = context[end].get("device", "?")
+            parts.append(f"{label} {device} drops rx +{grew['rx_dropped']} tx +{grew['tx_dropped']}")
+    yield f"      network: {', '.join(parts)}"
+    sources = context.get("sources", [])
+    unavailable = [f"{s.get('name', '?')}: {s.get('detail', '')}" for s in sources if not s.get("ok")]
+    if unavailable:
+        yield f"      network context unavailable: {'; '.join(unavailable)}"
+    for warning in context.get("warnings", []):
+        yield f"      warning: {warning}"
+    if context.get("object_key"):
+        yield f"      network context: {context['object_key']}"

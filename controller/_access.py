@@ -1,8 +1,8 @@
 """Who may do what: authentication of callers, authorisation per namespace and action, and the audit trail.
 
-podcap is a wiretap with root on every node, so every call names its caller, and every capture, stop, delete,
-download and download-URL decision (allowed or denied) is appended to the audit trail *before* the action: if
-the entry cannot be written, the action does not happen. Reading (get, list, watch) is authorised but not
+podcap is a wiretap with root on every node, so every call names its caller, and every capture, diagnosis, stop,
+delete, download and download-URL decision (allowed or denied) is appended to the audit trail *before* the
+action: if the entry cannot be written, the action does not happen. Reading (get, list, watch) is authorised but not
 audited.
 
 Two seams, each with implementations in this package: an `Authenticator` turns a bearer token into a
@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
@@ -52,6 +52,7 @@ class Audited(enum.StrEnum):
     DOWNLOAD = "download"
     DOWNLOAD_URL = "download-url"
     STREAM = "stream"  # the live pcap of a running capture, authorised as DOWNLOAD
+    DIAGNOSE = "diagnose"  # connections made from inside a pod by `podcap diagnose`, authorised as CAPTURE
 
 
 @dataclass(frozen=True)
@@ -136,16 +137,25 @@ class AccessControl:
     async def allows(self, caller: Caller, action: Action, namespace: str) -> bool:
         return await self._authorizer.allowed(caller.principal, action, namespace)
 
-    async def require(self, caller: Caller, action: Action, namespace: str) -> None:
-        """Authorises an action that is not audited (reading)."""
-        if not await self.allows(caller, action, namespace):
-            raise denial(caller, action, namespace)
+    async def refused(self, caller: Caller, action: Action, namespaces: str | Sequence[str]) -> str | None:
+        """The first of `namespaces` (one, or every namespace a `between` capture covers) where the caller may
+        not do `action`; None when it may in all of them."""
+        for namespace in (namespaces,) if isinstance(namespaces, str) else namespaces:
+            if not await self.allows(caller, action, namespace):
+                return namespace
+        return None
+
+    async def require(self, caller: Caller, action: Action, namespace: str | Sequence[str]) -> None:
+        """Authorises an action that is not audited (reading), in one namespace or in each of several."""
+        refused = await self.refused(caller, action, namespace)
+        if refused is not None:
+            raise denial(caller, action, refused)
 
     async def check(
         self,
         caller: Caller,
         action: Action,
-        namespace: str,
+        namespace: str | Sequence[str],
         audited: Audited,
         *,
         capture_id: str = "",
@@ -156,20 +166,24 @@ class AccessControl:
 
         `precondition` (the capture's state allows the action, say) runs once the caller is known to be allowed
         and before the entry is written: a request that it refuses has not acted, so it gets no `allowed` entry
-        (and a caller who may not act learns nothing about the capture's state)."""
-        allowed = await self.allows(caller, action, namespace)
-        if allowed and precondition is not None:
+        (and a caller who may not act learns nothing about the capture's state).
+
+        With several namespaces the caller must be allowed in each; the entry names the one refused, else the
+        first."""
+        refused = await self.refused(caller, action, namespace)
+        if refused is None and precondition is not None:
             precondition()
+        first = namespace if isinstance(namespace, str) else namespace[0]
         await self.audit(
             caller,
             audited,
-            result="allowed" if allowed else "denied",
-            namespace=namespace,
+            result="allowed" if refused is None else "denied",
+            namespace=first if refused is None else refused,
             capture_id=capture_id,
             detail=detail,
         )
-        if not allowed:
-            raise denial(caller, action, namespace)
+        if refused is not None:
+            raise denial(caller, action, refused)
 
     async def readable_namespaces(self, caller: Caller) -> frozenset[str] | None:
         return await self.namespaces(caller, Action.READ)

@@ -166,6 +166,24 @@ class AgentClients:
         finally:
             call.cancel()
 
+    async def probe(
+        self,
+        address: str,
+        pod: agent_pb2.PodRef,
+        host: str,
+        port: int,
+        also: list[agent_pb2.ProbeAddress],
+        deadline: float,
+    ) -> list[common_pb2.DiagnoseStep]:
+        """The agent's ladder from inside the pod's netns. `deadline` (seconds) bounds the whole ladder as well
+        as the call: the agent ends its steps in time to answer within it."""
+        request = agent_pb2.ProbeRequest(pod=pod, host=host, port=port, also=also)
+        try:
+            response = await self._stub(address).Probe(request, timeout=deadline)
+        except grpc.aio.AioRpcError as exc:
+            raise _error(address, exc) from exc
+        return list(response.steps)
+
     async def close(self) -> None:
         for channel, _ in self._stubs.values():
             await channel.close(grace=None)

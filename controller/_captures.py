@@ -38,6 +38,7 @@ from podcap.storage import (
     ObjectStore,
     TargetLeases,
     TargetRow,
+    context_key,
 )
 
 from . import _quotas
@@ -54,7 +55,8 @@ from ._errors import (
 )
 from ._inventory import Inventory, Pod
 from ._pods import capturable_pods
-from ._validation import CaptureLimitsCaps, CaptureRequest, validate
+from ._validation import CaptureEnd, CaptureLimitsCaps, CaptureRequest, validate
+from ._verdicts import End, verdicts
 
 log = logging.getLogger(__name__)
 
@@ -163,9 +165,12 @@ class Captures:
         # In a worker thread: libpcap's compile can take seconds (a long filter, a `host NAME` lookup).
         request = await asyncio.to_thread(validate, request, self._settings.caps)
         requester = caller.principal.name
-        if not await self._access.allows(caller, Action.CAPTURE, request.namespace):
-            await self._audit_create(caller, request, "denied")
-            raise denial(caller, Action.CAPTURE, request.namespace)
+        # A between capture needs CAPTURE in every end's namespace; the denial names the first one refused.
+        ends = list(dict.fromkeys(end.namespace for end in request.between)) or [request.namespace]
+        refused = await self._access.refused(caller, Action.CAPTURE, ends)
+        if refused is not None:
+            await self._audit_create(caller, request, "denied", namespace=refused)
+            raise denial(caller, Action.CAPTURE, refused)
         if request.request_id:
             existing = await self._tx(lambda repo: repo.find_by_request(requester, request.request_id))
             if existing is not None:
@@ -240,9 +245,23 @@ class Captures:
         await self._audit_create(caller, request, "refused", row.id, why)
 
     async def _audit_create(
-        self, caller: Caller, request: CaptureRequest, result: str, capture_id: str = "", note: str = ""
+        self,
+        caller: Caller,
+        request: CaptureRequest,
+        result: str,
+        capture_id: str = "",
+        note: str = "",
+        namespace: str = "",
     ) -> None:
-        target = f"pod {request.pod}" if request.pod else f"pods matching {request.label_selector!r}"
+        if request.between:
+            names = [str(end) for end in request.between]
+            target = (
+                f"between {', '.join(names[:-1])} and {names[-1]}" if names[1:] else f"between {names[0]}"
+            )
+        elif request.pod:
+            target = f"pod {request.pod}"
+        else:
+            target = f"pods matching {request.label_selector!r}"
         detail = (
             f"{target}, filter {request.filter!r}, {request.duration.total_seconds():g}s"
             + (f", max_bytes {request.max_bytes}" if request.max_bytes else "")
@@ -253,13 +272,16 @@ class Captures:
             caller,
             Audited.CAPTURE,
             result=result,
-            namespace=request.namespace,
+            namespace=namespace or request.namespace,
             capture_id=capture_id,
             detail=detail,
         )
 
     async def _target_pods(self, request: CaptureRequest) -> list[Pod]:
-        """The pod, or every capturable pod the selector matches (NOT_FOUND when there is none)."""
+        """The pod, or every capturable pod the selector matches (NOT_FOUND when there is none), or the pods of
+        the between ends."""
+        if request.between:
+            return await self._between_pods(request)
         if request.pod:
             pod = await asyncio.to_thread(self._inventory.get_pod, request.namespace, request.pod)
             _check_capturable(pod, request)
@@ -283,6 +305,39 @@ class Captures:
                 f"{request.label_selector!r} matches {len(pods)} running pods; at most {limit} per capture"
             )
         return sorted(pods, key=lambda pod: pod.name)
+
+    async def _between_pods(self, request: CaptureRequest) -> list[Pod]:
+        """Every end's pods in the order of the ends: a pod (NOT_FOUND if missing, FAILED_PRECONDITION if it
+        cannot be captured), or every ready endpoint pod of a Service (NOT_FOUND for no such Service,
+        FAILED_PRECONDITION when none of its ready endpoints is a pod). A pod reached twice is captured once."""
+        pods: dict[tuple[str, str], Pod] = {}
+        for end in request.between:
+            for pod in await self._end_pods(end):
+                _check_capturable(pod, request)
+                pods.setdefault((pod.namespace, pod.name), pod)
+        if len(pods) < 2:
+            ends = ", ".join(str(end) for end in request.between)
+            raise InvalidRequest(f"a between capture needs at least two pods; {ends} is only {len(pods)}")
+        limit = self._settings.caps.max_targets
+        if len(pods) > limit:
+            raise LimitExceeded(f"the between ends cover {len(pods)} pods; at most {limit} per capture")
+        return list(pods.values())
+
+    async def _end_pods(self, end: CaptureEnd) -> list[Pod]:
+        if end.pod:
+            return [await asyncio.to_thread(self._inventory.get_pod, end.namespace, end.pod)]
+        service = await asyncio.to_thread(self._inventory.get_service, end.namespace, end.service)
+        names = sorted({endpoint.pod for endpoint in service.endpoints if endpoint.pod})
+        if not names:
+            raise WrongState(
+                f"service {end.namespace}/{end.service} has no ready endpoint that is a pod"
+                + (f" ({len(service.endpoints)} ready endpoints are no pods)" if service.endpoints else "")
+            )
+        return list(
+            await asyncio.gather(
+                *(asyncio.to_thread(self._inventory.get_pod, end.namespace, name) for name in names)
+            )
+        )
 
     async def _dispatch(self, row: CaptureRow, target: TargetRow) -> None:
         """Asks the pod's agent to start; the target's row was written PENDING before."""
@@ -312,9 +367,9 @@ class Captures:
         )
 
     async def get(self, capture_id: str, caller: Caller) -> CaptureRow:
-        """The capture, if the caller may read captures in its namespace."""
+        """The capture, if the caller may read captures in its namespace (in each, for a between capture)."""
         row = await self._get(capture_id)
-        await self._access.require(caller, Action.READ, row.namespace)
+        await self._access.require(caller, Action.READ, capture_namespaces(row))
         return row
 
     async def _get(self, capture_id: str) -> CaptureRow:
@@ -357,7 +412,7 @@ class Captures:
         await self._access.check(
             caller,
             Action.DELETE,
-            row.namespace,
+            capture_namespaces(row),
             Audited.DELETE,
             capture_id=capture_id,
             precondition=deletable,
@@ -366,6 +421,7 @@ class Captures:
         for target in row.targets:
             if target.object_key:
                 await asyncio.to_thread(self._store.delete, target.object_key)
+                await asyncio.to_thread(self._store.delete, context_key(target.object_key))
 
         def mark(repo: CaptureRepository) -> None:
             locked = repo.get_for_update(capture_id)
@@ -415,7 +471,16 @@ class Captures:
         )
         more = len(rows) > size
         rows = rows[:size]
-        return Page(rows, _encode_token(rows[-1]) if more else "")
+        token = _encode_token(rows[-1]) if more else ""
+        # SQL filters on a capture's own namespace; a between capture may cover others the caller may not read,
+        # and is then left out (the page may come out shorter; the token still moves past it).
+        kept = [
+            row
+            for row in rows
+            if len(namespaces := capture_namespaces(row)) == 1
+            or await self._access.refused(caller, Action.READ, namespaces[1:]) is None
+        ]
+        return Page(kept, token)
 
     async def pods(self, caller: Caller, namespace: str) -> list[Pod]:
         """ListPods: the running pods the caller may capture (`_pods.py`)."""
@@ -446,7 +511,12 @@ class Captures:
                 raise WrongState(f"capture {capture_id} is already {row.state.value}")
 
         await self._access.check(
-            caller, Action.STOP, row.namespace, Audited.STOP, capture_id=capture_id, precondition=stoppable
+            caller,
+            Action.STOP,
+            capture_namespaces(row),
+            Audited.STOP,
+            capture_id=capture_id,
+            precondition=stoppable,
         )
         stopper = caller.principal.name
 
@@ -498,7 +568,7 @@ class Captures:
         await self._access.check(
             caller,
             Action.DOWNLOAD,
-            row.namespace,
+            capture_namespaces(row),
             audited,
             capture_id=capture_id,
             detail=f"target {index}",
@@ -544,7 +614,7 @@ class Captures:
         await self._access.check(
             caller,
             Action.DOWNLOAD,
-            row.namespace,
+            capture_namespaces(row),
             Audited.STREAM,
             capture_id=row.id,
             detail=f"target {index}",
@@ -704,7 +774,7 @@ class Captures:
                     if _record_late_result(row, target, report):
                         stop_at = target.agent_address
                 elif target.summary_pending and report.HasField("summary"):
-                    _record_summary(target, report.summary)
+                    _record_summary(row, target, report.summary)
                     row.updated_at = datetime.now(UTC)
                 return not (target.summary_pending or target.awaiting_agent), stop_at
             now = datetime.now(UTC)
@@ -724,7 +794,8 @@ class Captures:
             target.error = report.error
             target.interruption = report.interruption
             if report.HasField("summary"):
-                _record_summary(target, report.summary)
+                _record_summary(row, target, report.summary)
+            _record_context(target, report)
             if report.HasField("start_time"):
                 target.started_at = report.start_time.ToDatetime(UTC)
             if target.state in TERMINAL_STATES:
@@ -757,6 +828,7 @@ class Captures:
                 target.awaiting_agent = lost
                 _event(row, target, CaptureState.FAILED, now, error)
                 _roll_up(row, now)
+                _record_verdicts(row)  # this target has no pcap: the others' may be all there is
                 return lost
             if target.awaiting_agent:
                 ended = target.ended_at or now
@@ -770,7 +842,7 @@ class Captures:
                 summary = json_format.Parse(target.summary, common_pb2.CaptureSummary())
                 summary.state = common_pb2.SUMMARY_STATE_INCOMPLETE
                 summary.error = f"no summary: {error}"
-                _record_summary(target, summary)
+                _record_summary(row, target, summary)
                 row.updated_at = now
             return False
 
@@ -801,7 +873,8 @@ def _record_late_result(row: CaptureRow, target: TargetRow, report: AgentCapture
             report.interruption,
         )
         if report.HasField("summary"):
-            _record_summary(target, report.summary)
+            _record_summary(row, target, report.summary)
+        _record_context(target, report)
         how = (
             "the agent came back and"
             if target.state == CaptureState.FAILED
@@ -820,9 +893,32 @@ def _record_late_result(row: CaptureRow, target: TargetRow, report: AgentCapture
     return False
 
 
-def _record_summary(target: TargetRow, summary: common_pb2.CaptureSummary) -> None:
+def _record_context(target: TargetRow, report: AgentCapture) -> None:
+    """The agent's digest of the network around the capture (it comes with the report that ends it)."""
+    if report.HasField("context"):
+        target.context = json_format.MessageToJson(report.context, indent=None)
+
+
+def _record_summary(row: CaptureRow, target: TargetRow, summary: common_pb2.CaptureSummary) -> None:
     target.summary = json_format.MessageToJson(summary, indent=None)
     target.summary_pending = summary.state == common_pb2.SUMMARY_STATE_PENDING
+    _record_verdicts(row)
+
+
+def _record_verdicts(row: CaptureRow) -> None:
+    """Once every target is terminal and summarised (or has no pcap): the capture's verdicts, from all of them."""
+    if all(t.state in TERMINAL_STATES and not t.summary_pending for t in row.targets):
+        ends = [
+            End(
+                f"{t.namespace}/{t.pod}@{t.node}",
+                tuple(ip for ip in t.pod_ip.split(",") if ip),
+                json_format.Parse(t.summary, common_pb2.CaptureSummary()) if t.summary else None,
+            )
+            for t in row.targets
+        ]
+        row.verdicts = json.dumps(
+            [json_format.MessageToDict(v) for v in verdicts(ends)], separators=(",", ":")
+        )
 
 
 def _event(
@@ -908,6 +1004,7 @@ def _new_row(
         buffer_size=request.buffer_size,
         pod_interface=request.pod_interface,
         host_network=request.host_network,
+        between=json.dumps([_end_json(end) for end in request.between]) if request.between else "",
         state=CaptureState.PENDING,
         error="",
         created_at=now,
@@ -966,10 +1063,29 @@ def _same_request(existing: CaptureRow, request: CaptureRequest) -> CaptureRow:
         and (existing.max_packets, existing.max_bytes, existing.snaplen, existing.buffer_size)
         == (request.max_packets, request.max_bytes, request.snaplen, request.buffer_size)
         and (existing.pod_interface, existing.host_network) == (request.pod_interface, request.host_network)
+        and capture_ends(existing) == list(request.between)
     )
     if not same:
         raise InvalidRequest(f"request_id {request.request_id!r} was already used for a different capture")
     return existing
+
+
+def _end_json(end: CaptureEnd) -> dict[str, str]:
+    if end.pod:
+        return {"namespace": end.namespace, "pod": end.pod}
+    return {"namespace": end.namespace, "service": end.service}
+
+
+def capture_ends(row: CaptureRow) -> list[CaptureEnd]:
+    """The ends a between capture was asked for (CaptureRow.between); none for any other capture."""
+    return [CaptureEnd(**end) for end in json.loads(row.between)] if row.between else []
+
+
+def capture_namespaces(row: CaptureRow) -> list[str]:
+    """Every namespace the capture covers, its own first: one, except for a between capture, whose pods may be in
+    several. Acting on a capture or reading it needs the permission in each of them."""
+    ends = [end.namespace for end in capture_ends(row)]
+    return list(dict.fromkeys([row.namespace, *ends, *(target.namespace for target in row.targets)]))
 
 
 def _agent_capture_id(capture_id: str, index: int) -> str:

@@ -37,6 +37,30 @@ class Pod:
     containers: tuple[ContainerStatus, ...] = ()
 
 
+@dataclass(frozen=True)
+class ServicePort:
+    name: str
+    port: int
+    target_port: int  # the endpoints' port (numeric; a named targetPort resolved through the EndpointSlice)
+    protocol: str  # "TCP", "UDP"
+
+
+@dataclass(frozen=True)
+class ServiceEndpoint:
+    ip: str
+    pod: str  # the pod's name when the endpoint is a pod (targetRef), else ""
+    node: str
+
+
+@dataclass(frozen=True)
+class Service:
+    namespace: str
+    name: str
+    cluster_ip: str  # "" or "None" for a headless Service
+    ports: tuple[ServicePort, ...]
+    endpoints: tuple[ServiceEndpoint, ...]  # ready endpoints only
+
+
 class Inventory(Protocol):
     """Blocking lookups; the async controller calls them in a worker thread."""
 
@@ -54,4 +78,8 @@ class Inventory(Protocol):
 
     def agent_address(self, node: str) -> str:
         """`host:port` of the ready capture agent on `node`, or NoAgentOnNode naming the node."""
+        ...
+
+    def get_service(self, namespace: str, name: str) -> Service:
+        """The Service and its ready endpoints; NotFound when there is no such Service."""
         ...

@@ -1,5 +1,6 @@
-"""The cluster through the official client: the inventory (pods and node agents) and, optionally, access
-control delegated to Kubernetes (TokenReview for who a caller is, SubjectAccessReview for what RBAC lets them do).
+"""The cluster through the official client: the inventory (pods, node agents, Services and their EndpointSlices)
+and, optionally, access control delegated to Kubernetes (TokenReview for who a caller is, SubjectAccessReview for
+what RBAC lets them do).
 
 This is the only module that imports `kubernetes`. Everything the client can raise is turned here into the
 controller's errors (PodNotFound, Forbidden, Unavailable, ...) with a message a support engineer can act on
@@ -34,14 +35,24 @@ from podcap.controller._errors import (
     Forbidden,
     InvalidRequest,
     NoAgentOnNode,
+    NotFound,
     PodNotFound,
     Unauthenticated,
     Unavailable,
 )
-from podcap.controller._inventory import AGENT_LABEL, ContainerStatus, Pod
+from podcap.controller._inventory import (
+    AGENT_LABEL,
+    ContainerStatus,
+    Pod,
+    Service,
+    ServiceEndpoint,
+    ServicePort,
+)
 
 _RETRIES = urllib3.Retry(total=0)
 _RUNNING = "status.phase=Running"
+# The label the EndpointSlice controller puts on every slice of a Service.
+_SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 
 
 class KubernetesInventory:
@@ -56,6 +67,7 @@ class KubernetesInventory:
     ) -> None:
         self._api_client = api_client
         self._core = client.CoreV1Api(api_client)
+        self._discovery = client.DiscoveryV1Api(api_client)
         self._agent_namespace = agent_namespace
         self._agent_port = agent_port
         self._timeout = (request_timeout, request_timeout)
@@ -139,22 +151,40 @@ class KubernetesInventory:
         host = f"[{ip}]" if ":" in ip else ip
         return f"{host}:{self._agent_port}"
 
+    def get_service(self, namespace: str, name: str) -> Service:
+        # Endpoints come from the EndpointSlices (discovery.k8s.io/v1), which replaced core/v1 Endpoints: a
+        # Service may have several slices (one per address family, or past 100 endpoints).
+        with self._translate_errors("get", namespace, name, resource="services"):
+            service = self._core.read_namespaced_service(name, namespace, _request_timeout=self._timeout)
+        with self._translate_errors("list", namespace, resource="endpointslices"):
+            slices = self._discovery.list_namespaced_endpoint_slice(
+                namespace, label_selector=f"{_SERVICE_NAME_LABEL}={name}", _request_timeout=self._timeout
+            ).items
+        return _to_service(service, slices)
+
     @contextmanager
-    def _translate_errors(self, verb: str, namespace: str, name: str | None = None) -> Iterator[None]:
-        what = f"{verb} pods in namespace {namespace}" if namespace else f"{verb} pods in all namespaces"
+    def _translate_errors(
+        self, verb: str, namespace: str, name: str | None = None, resource: str = "pods"
+    ) -> Iterator[None]:
+        where = f"in namespace {namespace}" if namespace else "in all namespaces"
+        what = f"{verb} {resource} {where}"
         try:
             yield
         except ApiException as error:
-            raise self._api_error(error, what, namespace, name) from error
+            raise self._api_error(error, what, namespace, name, resource) from error
         except (urllib3.exceptions.HTTPError, OSError) as error:
             reason = error.reason if isinstance(error, urllib3.exceptions.MaxRetryError) else error
             raise Unavailable(f"Kubernetes API unreachable at {self._host}: {reason}") from error
 
-    def _api_error(self, error: ApiException, what: str, namespace: str, name: str | None) -> Exception:
+    def _api_error(
+        self, error: ApiException, what: str, namespace: str, name: str | None, resource: str = "pods"
+    ) -> Exception:
         status = int(error.status or 0)
         message = _status_message(error)
         if status == 0:  # the client's own failure before any answer, e.g. TLS
             return Unavailable(f"Kubernetes API unreachable at {self._host}: {message}")
+        if status == 404 and name is not None and resource == "services":
+            return NotFound(f"service {namespace}/{name} not found")
         if status == 404 and name is not None:
             return PodNotFound(f"pod {namespace}/{name} not found")
         if status == 401:
@@ -331,6 +361,50 @@ def _to_pod(pod: Any) -> Pod:
         labels={str(key): str(value) for key, value in (metadata.labels or {}).items()},
         containers=tuple(_to_container(entry) for entry in (status and status.container_statuses) or ()),
     )
+
+
+def _to_service(service: Any, slices: list[Any]) -> Service:
+    ports = []
+    for port in service.spec.ports or ():
+        ports.append(
+            ServicePort(
+                name=str(port.name or ""),
+                port=int(port.port),
+                target_port=_target_port(port, slices),
+                protocol=str(port.protocol or "TCP"),
+            )
+        )
+    endpoints: dict[str, ServiceEndpoint] = {}
+    for endpoint_slice in slices:
+        for endpoint in endpoint_slice.endpoints or ():
+            # `ready` unset means ready (the API's own rule); a terminating or failing pod is not.
+            if endpoint.conditions is not None and endpoint.conditions.ready is False:
+                continue
+            ref = endpoint.target_ref
+            pod = str(ref.name) if ref is not None and ref.kind == "Pod" and ref.name else ""
+            for ip in endpoint.addresses or ():
+                endpoints.setdefault(str(ip), ServiceEndpoint(str(ip), pod, str(endpoint.node_name or "")))
+    return Service(
+        namespace=str(service.metadata.namespace),
+        name=str(service.metadata.name),
+        cluster_ip=str(service.spec.cluster_ip or ""),
+        ports=tuple(ports),
+        endpoints=tuple(sorted(endpoints.values(), key=lambda endpoint: (endpoint.pod, endpoint.ip))),
+    )
+
+
+def _target_port(port: Any, slices: list[Any]) -> int:
+    """The endpoints' port number: a numeric targetPort as it is; a named one (or none) as the EndpointSlices
+    resolved it, as their ports carry the Service port's name and the pods' number; 0 for a named one that no
+    slice resolves (no endpoint has that port), and the Service port itself when targetPort is unset."""
+    target = port.target_port
+    if isinstance(target, int) or (isinstance(target, str) and target.isdigit()):
+        return int(target)
+    for endpoint_slice in slices:
+        for slice_port in endpoint_slice.ports or ():
+            if (slice_port.name or "") == (port.name or "") and slice_port.port is not None:
+                return int(slice_port.port)
+    return int(port.port) if target is None else 0
 
 
 def _to_container(entry: Any) -> ContainerStatus:

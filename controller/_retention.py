@@ -22,7 +22,7 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from podcap.storage import ExpiredCaptures, ObjectStore, StorageError, StoreUnavailable
+from podcap.storage import ExpiredCaptures, ObjectStore, StorageError, StoreUnavailable, context_key
 
 __all__ = ["RetentionSettings", "RetentionSweeper", "SweepReport"]
 
@@ -171,6 +171,7 @@ class RetentionSweeper:
         """Deletes one object (gone already is fine); False for a key that cannot name an object in the store."""
         try:
             self._store.delete(key)
+            self._store.delete(context_key(key))  # the agent's network context, stored beside the pcap
         except ValueError as exc:
             # A key like "../x" is refused by every store, for uploads too, so no object can exist under it:
             # there is nothing to lose track of. Never delete outside the store for it.

@@ -20,6 +20,7 @@ from podcap.storage import create_engine_for, make_sessionmaker, migrate, open_s
 from ._access import AccessControl, Authenticator, Authorizer, NoAuthentication
 from ._agents import AgentClients
 from ._captures import Captures, CaptureSettings
+from ._diagnose import Diagnoses
 from ._inventory import Inventory
 from ._retention import RetentionSettings, RetentionSweeper
 from ._servicer import CaptureServicer
@@ -145,16 +146,20 @@ async def serve(settings: ControllerSettings, started: asyncio.Event | None = No
         tls=settings.agent_tls,
         server_name=settings.agent_server_name,
     )
+    inventory = build_inventory(settings)
     captures = Captures(
         sessions=sessions,
-        inventory=build_inventory(settings),
+        inventory=inventory,
         agents=agents,
         store=open_store(settings.store_url),
         access=access,
         settings=settings.captures,
     )
+    diagnoses = Diagnoses(captures, inventory, agents, access, settings.captures.caps)
     server = grpc.aio.server(interceptors=[RejectMalformed()], options=server_options())
-    capture_pb2_grpc.add_CaptureServiceServicer_to_server(CaptureServicer(captures, access), server)
+    capture_pb2_grpc.add_CaptureServiceServicer_to_server(
+        CaptureServicer(captures, access, diagnoses), server
+    )
     health = Health(server, SERVICE_NAME)
     listen(server, settings.listen, credentials)
     await server.start()

@@ -5,6 +5,7 @@ The table `ERRORS` is the one place where the controller's exceptions become gRP
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from datetime import UTC, timedelta
 from typing import Any
@@ -21,7 +22,8 @@ from podcap.storage import CaptureRow, CaptureState, StorageError, TargetRow
 
 from ._access import AccessControl, Audited, Caller
 from ._agents import AgentFailed
-from ._captures import Captures, capture_limits
+from ._captures import Captures, capture_ends, capture_limits
+from ._diagnose import DiagnoseRequest, Diagnoses
 from ._errors import (
     ControllerError,
     Forbidden,
@@ -32,7 +34,7 @@ from ._errors import (
     Unavailable,
     WrongState,
 )
-from ._validation import CaptureRequest
+from ._validation import CaptureEnd, CaptureRequest
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -65,9 +67,10 @@ _FROM_PROTO = {value: state for state, value in _STATES.items()}
 class CaptureServicer(capture_pb2_grpc.CaptureServiceServicer):
     """Every method first authenticates its caller; the use cases authorise, audit and act."""
 
-    def __init__(self, captures: Captures, access: AccessControl) -> None:
+    def __init__(self, captures: Captures, access: AccessControl, diagnoses: Diagnoses) -> None:
         self._captures = captures
         self._access = access
+        self._diagnoses = diagnoses
 
     async def _caller(self, context: Context, audited: Audited | None = None) -> Caller:
         authorization = next(
@@ -94,6 +97,10 @@ class CaptureServicer(capture_pb2_grpc.CaptureServiceServicer):
                 reason=request.reason,
                 pod_interface=request.pod_interface,
                 host_network=request.host_network,
+                between=tuple(
+                    CaptureEnd(namespace=end.namespace, pod=end.pod, service=end.service)
+                    for end in request.between
+                ),
             ),
             await self._caller(context, Audited.CAPTURE),
         )
@@ -205,6 +212,31 @@ class CaptureServicer(capture_pb2_grpc.CaptureServiceServicer):
             yield capture_pb2.DownloadChunk(data=chunk)
 
     @maps_errors(ERRORS)
+    async def Diagnose(
+        self, request: capture_pb2.DiagnoseRequest, context: Context
+    ) -> capture_pb2.DiagnoseResponse:
+        diagnosis = await self._diagnoses.run(
+            DiagnoseRequest(
+                namespace=request.namespace,
+                pod=request.pod,
+                host=request.host,
+                port=request.port,
+                duration=_timedelta(request.capture_duration)
+                if request.HasField("capture_duration")
+                else timedelta(0),
+                reason=request.reason,
+            ),
+            await self._caller(context, Audited.DIAGNOSE),
+        )
+        return capture_pb2.DiagnoseResponse(
+            steps=[
+                common_pb2.DiagnoseStep(name=s.name, ok=s.ok, detail=s.detail, milliseconds=s.milliseconds)
+                for s in diagnosis.steps
+            ],
+            capture_id=diagnosis.capture_id,
+        )
+
+    @maps_errors(ERRORS)
     async def DeleteCapture(
         self, request: capture_pb2.DeleteCaptureRequest, context: Context
     ) -> capture_pb2.DeleteCaptureResponse:
@@ -241,6 +273,7 @@ def _target_message(target: TargetRow) -> capture_pb2.CaptureTarget:
         if target.resolution
         else None,
         interruption=target.interruption,
+        context=json_format.Parse(target.context, common_pb2.NetworkContext()) if target.context else None,
     )
 
 
@@ -266,4 +299,9 @@ def capture_message(row: CaptureRow) -> capture_pb2.Capture:
         targets=[_target_message(t) for t in row.targets],
         stopped_by=row.stopped_by,
         stop_time=timestamp(row.stopped_at),
+        between=[
+            capture_pb2.CaptureEnd(namespace=end.namespace, pod=end.pod, service=end.service)
+            for end in capture_ends(row)
+        ],
+        verdicts=[json_format.ParseDict(v, common_pb2.Verdict()) for v in json.loads(row.verdicts or "[]")],
     )

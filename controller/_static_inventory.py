@@ -15,6 +15,17 @@ file and the entry named, rather than a capture failing later with a confusing e
         uid: 6f1c...              # default "static-<namespace>-<name>"
     agents:                       # node -> address of its capture agent
       node-1: 127.0.0.2:7443
+    services:                     # default none
+      - namespace: shop
+        name: checkout
+        clusterIP: 10.96.0.10     # default "" (headless)
+        ports:                    # default []
+          - {name: http, port: 80, targetPort: 8080, protocol: TCP}   # targetPort default port, protocol TCP
+        selector: {app: checkout} # its endpoints: the Running pods above in its namespace with these labels,
+        # endpoints: [checkout-7d9f]   or: pods of its namespace named explicitly (then no selector)
+
+A Service's endpoints are resolved against the pods when the file is read: a named endpoint pod must be listed
+under `pods`, and only a Running pod with an IP counts as a ready endpoint, one per IP.
 """
 
 from __future__ import annotations
@@ -28,22 +39,30 @@ from typing import Any
 import yaml
 
 from podcap.controller import _selectors
-from podcap.controller._errors import InvalidRequest, NoAgentOnNode, PodNotFound
-from podcap.controller._inventory import Pod
+from podcap.controller._errors import InvalidRequest, NoAgentOnNode, NotFound, PodNotFound
+from podcap.controller._inventory import Pod, Service, ServiceEndpoint, ServicePort
 
 _POD_KEYS = frozenset({"namespace", "name", "node", "ips", "ip", "phase", "hostNetwork", "labels", "uid"})
 _PHASES = frozenset({"Pending", "Running", "Succeeded", "Failed", "Unknown"})
+_SERVICE_KEYS = frozenset({"namespace", "name", "clusterIP", "ports", "selector", "endpoints"})
+_PORT_KEYS = frozenset({"name", "port", "targetPort", "protocol"})
+_PROTOCOLS = frozenset({"TCP", "UDP", "SCTP"})
 
 
 class StaticInventory:
-    """Pods and agents from a file; lookups never block and never change."""
+    """Pods, agents and Services from a file; lookups never block and never change."""
 
     def __init__(
-        self, pods: list[Pod], agents: Mapping[str, str], source: str = "the static inventory"
+        self,
+        pods: list[Pod],
+        agents: Mapping[str, str],
+        source: str = "the static inventory",
+        services: list[Service] | None = None,
     ) -> None:
         self._pods = {(pod.namespace, pod.name): pod for pod in pods}
         self._agents = dict(agents)
         self._source = source
+        self._services = {(service.namespace, service.name): service for service in services or ()}
 
     @classmethod
     def from_file(cls, path: str | Path) -> StaticInventory:
@@ -56,10 +75,10 @@ class StaticInventory:
         except yaml.YAMLError as error:
             raise ValueError(f"static inventory {path}: not valid YAML: {error}") from error
         try:
-            pods, agents = _parse(document)
+            pods, agents, services = _parse(document)
         except ValueError as error:
             raise ValueError(f"static inventory {path}: {error}") from None
-        return cls(pods, agents, source=f"the static inventory {path}")
+        return cls(pods, agents, source=f"the static inventory {path}", services=services)
 
     def get_pod(self, namespace: str, name: str) -> Pod:
         pod = self._pods.get((namespace, name))
@@ -94,20 +113,28 @@ class StaticInventory:
             )
         return address
 
+    def get_service(self, namespace: str, name: str) -> Service:
+        service = self._services.get((namespace, name))
+        if service is None:
+            raise NotFound(f"service {namespace}/{name} not found (looked in {self._source})")
+        return service
+
 
 def _copy(pod: Pod) -> Pod:
     # Pod is frozen but its labels are a dict: hand out a copy so no caller can change the inventory.
     return dataclasses.replace(pod, labels=dict(pod.labels))
 
 
-def _parse(document: Any) -> tuple[list[Pod], dict[str, str]]:
+def _parse(document: Any) -> tuple[list[Pod], dict[str, str], list[Service]]:
     if document is None:
         document = {}
     if not isinstance(document, dict):
         raise ValueError(f"expected a mapping with 'pods' and 'agents', found {type(document).__name__}")
-    unknown = set(document) - {"pods", "agents"}
+    unknown = set(document) - {"pods", "agents", "services"}
     if unknown:
-        raise ValueError(f"unknown top-level keys {sorted(map(str, unknown))}; expected 'pods' and 'agents'")
+        raise ValueError(
+            f"unknown top-level keys {sorted(map(str, unknown))}; expected 'pods', 'agents' and 'services'"
+        )
     raw_pods = document.get("pods") or []
     if not isinstance(raw_pods, list):
         raise ValueError("'pods' must be a list of pods")
@@ -122,7 +149,89 @@ def _parse(document: Any) -> tuple[list[Pod], dict[str, str]]:
             raise ValueError(f"pods[{index}]: pod {pod.namespace}/{pod.name} is listed twice")
         seen.add((pod.namespace, pod.name))
         pods.append(pod)
-    return pods, _agents(document.get("agents") or {})
+    raw_services = document.get("services") or []
+    if not isinstance(raw_services, list):
+        raise ValueError("'services' must be a list of services")
+    services: list[Service] = []
+    names: set[tuple[str, str]] = set()
+    for index, raw in enumerate(raw_services):
+        try:
+            service = _service(raw, pods)
+        except ValueError as error:
+            raise ValueError(f"services[{index}]: {error}") from None
+        if (service.namespace, service.name) in names:
+            raise ValueError(f"services[{index}]: service {service.namespace}/{service.name} is listed twice")
+        names.add((service.namespace, service.name))
+        services.append(service)
+    return pods, _agents(document.get("agents") or {}), services
+
+
+def _service(raw: Any, pods: list[Pod]) -> Service:
+    if not isinstance(raw, dict):
+        raise ValueError(f"expected a mapping, found {raw!r}")
+    unknown = set(raw) - _SERVICE_KEYS
+    if unknown:
+        raise ValueError(f"unknown keys {sorted(map(str, unknown))}; allowed: {sorted(_SERVICE_KEYS)}")
+    namespace, name = _string(raw, "namespace"), _string(raw, "name")
+    cluster_ip = raw.get("clusterIP", "")
+    if cluster_ip not in ("", "None"):
+        cluster_ip = _ip(cluster_ip)
+    raw_ports = raw.get("ports") or []
+    if not isinstance(raw_ports, list):
+        raise ValueError(f"'ports' must be a list of ports, found {raw_ports!r}")
+    ports = tuple(_port(port) for port in raw_ports)
+    if "selector" in raw and "endpoints" in raw:
+        raise ValueError("give either 'selector' or 'endpoints', not both")
+    in_namespace = [pod for pod in pods if pod.namespace == namespace]
+    if "endpoints" in raw:
+        wanted = raw["endpoints"] or []
+        if not isinstance(wanted, list) or not all(isinstance(pod, str) for pod in wanted):
+            raise ValueError(f"'endpoints' must be a list of pod names, found {wanted!r}")
+        by_name = {pod.name: pod for pod in in_namespace}
+        missing = [pod for pod in wanted if pod not in by_name]
+        if missing:
+            raise ValueError(f"endpoints {missing} are not pods of namespace {namespace} listed under 'pods'")
+        members = [by_name[pod] for pod in wanted]
+    else:
+        selector = raw.get("selector") or {}
+        if not isinstance(selector, dict) or not all(
+            isinstance(key, str) and isinstance(value, str) for key, value in selector.items()
+        ):
+            raise ValueError(f"'selector' must map strings to strings, found {selector!r}")
+        # As Kubernetes does: a Service without a selector gets no endpoints from pods.
+        members = [
+            pod
+            for pod in in_namespace
+            if selector and all(pod.labels.get(key) == value for key, value in selector.items())
+        ]
+    endpoints = tuple(
+        ServiceEndpoint(ip=ip, pod=pod.name, node=pod.node)
+        for pod in sorted(members, key=lambda pod: pod.name)
+        if pod.phase == "Running"
+        for ip in pod.ips
+    )
+    return Service(namespace, name, str(cluster_ip), ports, endpoints)
+
+
+def _port(raw: Any) -> ServicePort:
+    if not isinstance(raw, dict):
+        raise ValueError(f"ports: expected a mapping, found {raw!r}")
+    unknown = set(raw) - _PORT_KEYS
+    if unknown:
+        raise ValueError(f"ports: unknown keys {sorted(map(str, unknown))}; allowed: {sorted(_PORT_KEYS)}")
+    port = _port_number("port", raw.get("port"))
+    target = _port_number("targetPort", raw.get("targetPort", port))
+    protocol = raw.get("protocol", "TCP")
+    if protocol not in _PROTOCOLS:
+        raise ValueError(f"ports: 'protocol' must be one of {sorted(_PROTOCOLS)}, found {protocol!r}")
+    return ServicePort(name=str(raw.get("name", "")), port=port, target_port=target, protocol=protocol)
+
+
+def _port_number(key: str, value: Any) -> int:
+    # A named targetPort has no pod spec here to be resolved against: the file gives numbers.
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 65536:
+        raise ValueError(f"ports: {key!r} must be a port number (1-65535), found {value!r}")
+    return value
 
 
 def _pod(raw: Any) -> Pod:

@@ -1,13 +1,15 @@
 """Validation of a capture request, before any state exists: a refused request stores nothing and starts nothing.
 
 Names must be what Kubernetes accepts (DNS-1123), the filter must compile with libpcap and may not carry a token
-that tcpdump could read as an option, and the duration and limits must be within this controller's caps.
+that tcpdump could read as an option, and the duration and limits must be within this controller's caps. A
+`between` capture's ends are checked one by one and deduplicated; whether a Service end has pods is known only
+once it is looked up, in `_captures.py`.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 
 from podcap.api.bpf import FilterError, check_filter
@@ -34,6 +36,18 @@ class CaptureLimitsCaps:
 
 
 @dataclass(frozen=True)
+class CaptureEnd:
+    """One end of a `between` capture: a pod, or every ready endpoint pod of a Service."""
+
+    namespace: str
+    pod: str = ""
+    service: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.namespace}/{self.pod}" if self.pod else f"{self.namespace}/svc/{self.service}"
+
+
+@dataclass(frozen=True)
 class CaptureRequest:
     """A validated CreateCapture."""
 
@@ -50,6 +64,7 @@ class CaptureRequest:
     label_selector: str = ""
     pod_interface: str = ""
     host_network: bool = False
+    between: tuple[CaptureEnd, ...] = ()
 
 
 def check_label(kind: str, value: str) -> None:
@@ -83,18 +98,25 @@ def check_filter_expression(expression: str) -> None:
 
 def validate(request: CaptureRequest, caps: CaptureLimitsCaps) -> CaptureRequest:
     """Returns the request if every field is acceptable, else raises InvalidRequest saying which and why."""
-    check_label("namespace", request.namespace)
-    if request.pod and request.label_selector:
-        raise InvalidRequest("give either a pod or a label_selector, not both")
-    if request.label_selector:
-        if len(request.label_selector) > _MAX_SELECTOR:
-            raise InvalidRequest(f"label_selector is longer than {_MAX_SELECTOR} characters")
-        try:
-            _selectors.parse(request.label_selector)
-        except ValueError as exc:
-            raise InvalidRequest(str(exc)) from exc
+    if request.between:
+        request = _validate_between(request)
+        if len(request.between) > caps.max_targets:
+            raise InvalidRequest(
+                f"{len(request.between)} between ends; at most {caps.max_targets} per capture"
+            )
     else:
-        check_subdomain("pod", request.pod)
+        check_label("namespace", request.namespace)
+        if request.pod and request.label_selector:
+            raise InvalidRequest("give either a pod or a label_selector, not both")
+        if request.label_selector:
+            if len(request.label_selector) > _MAX_SELECTOR:
+                raise InvalidRequest(f"label_selector is longer than {_MAX_SELECTOR} characters")
+            try:
+                _selectors.parse(request.label_selector)
+            except ValueError as exc:
+                raise InvalidRequest(str(exc)) from exc
+        else:
+            check_subdomain("pod", request.pod)
     if request.duration <= timedelta(0):
         raise InvalidRequest("duration must be above zero")
     if request.duration > caps.max_duration:
@@ -119,3 +141,33 @@ def validate(request: CaptureRequest, caps: CaptureLimitsCaps) -> CaptureRequest
         raise InvalidRequest(f"pod_interface {request.pod_interface[:40]!r} is not a network interface name")
     check_filter_expression(request.filter)
     return request
+
+
+def _validate_between(request: CaptureRequest) -> CaptureRequest:
+    """The ends checked and without repeats, and `namespace` set to the first end's.
+
+    Two ends at least, as it takes two to converse; one Service end alone is allowed, as its endpoints are ends
+    of their own: whether it has two is known only once they are looked up (`_captures.py` refuses one)."""
+    if request.pod or request.label_selector:
+        raise InvalidRequest("give a pod, a label_selector or between ends, only one of them")
+    ends: list[CaptureEnd] = []
+    for index, end in enumerate(request.between):
+        check_label(f"between[{index}] namespace", end.namespace)
+        if bool(end.pod) == bool(end.service):
+            raise InvalidRequest(f"between[{index}] ({end.namespace}) needs exactly one of pod and service")
+        if end.pod:
+            check_subdomain(f"between[{index}] pod", end.pod)
+        else:
+            check_label(f"between[{index}] service", end.service)
+        if end not in ends:
+            ends.append(end)
+    if len(ends) < 2 and not ends[0].service:
+        raise InvalidRequest(
+            f"a between capture needs at least two ends (or a Service); got only {ends[0]}"
+            + (" (the same end given twice)" if len(request.between) > 1 else "")
+        )
+    if request.namespace and request.namespace != ends[0].namespace:
+        raise InvalidRequest(
+            f"namespace {request.namespace!r} is not the first end's ({ends[0]}): leave it empty with between"
+        )
+    return replace(request, namespace=ends[0].namespace, between=tuple(ends))

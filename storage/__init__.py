@@ -8,7 +8,7 @@ from ._db import create_engine_for, make_sessionmaker, migrate
 from ._errors import DatabaseUnavailable, ObjectNotFound, StorageError, StoreUnavailable
 from ._leases import Claim, TargetLeases
 from ._models import TERMINAL_STATES, AuditRow, Base, CaptureRow, CaptureState, EventRow, TargetRow
-from ._objectstore import ObjectStore, StoredObject, Upload, open_store
+from ._objectstore import ObjectStore, StoredObject, Upload, context_key, open_store
 from ._repository import CaptureRepository
 from ._retention import ExpiredCapture, ExpiredCaptures
 
@@ -33,6 +33,7 @@ __all__ = [
     "TargetLeases",
     "TargetRow",
     "Upload",
+    "context_key",
     "create_engine_for",
     "make_sessionmaker",
     "migrate",

@@ -169,6 +169,10 @@ class CaptureRow(Base):
     # Who ended the capture early with StopCapture, and when they asked.
     stopped_by: Mapped[str] = _text(String(256))
     stopped_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # JSON list of the ends of a `between` capture ({"namespace", "pod"} or {"namespace", "service"}); '' otherwise.
+    between: Mapped[str] = _text()
+    # JSON list (protobuf JSON of Verdict) of where each TCP attempt and DNS query died, once all targets are summarised.
+    verdicts: Mapped[str] = _text()
 
     # ordering_list keeps TargetRow.index equal to the target's position, so callers just append.
     targets: Mapped[list["TargetRow"]] = relationship(
@@ -223,6 +227,8 @@ class TargetRow(Base):
     # The controller replica following this target until the lease expires (several replicas share one DB).
     lease_owner: Mapped[str] = _text(String(128))
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # JSON (protobuf JSON of NetworkContext): the digest of the network around the capture on this pod's node.
+    context: Mapped[str] = _text()
     summary: Mapped[str] = _text()  # JSON (protobuf JSON of CaptureSummary) of what is inside the pcap
     # A terminal target is still followed while its agent makes the summary (the pcap is downloadable already).
     summary_pending: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())

@@ -83,6 +83,13 @@ class ObjectStore(Protocol):
         ...
 
 
+def context_key(object_key: str) -> str:
+    """Where the agent stores the network context of the pcap at ``object_key``, next to it: ``x/y.pcap`` ->
+    ``x/y.context.json`` (a key without a ``.pcap`` extension gets ``.context.json`` appended). The controller
+    deletes it with the pcap."""
+    return f"{object_key.removesuffix('.pcap')}.context.json"
+
+
 def check_key(key: str) -> str:
     """Return ``key`` if it is a safe relative path inside a store, else raise ValueError.
 

@@ -84,7 +84,7 @@ def test_module_respects_layers(package: str, path: Path) -> None:
 
 
 # What the agent may take from podcap.storage: the object store it uploads to, never the SQL side.
-AGENT_STORAGE_NAMES = {"ObjectStore", "StoredObject", "StorageError", "Upload", "open_store"}
+AGENT_STORAGE_NAMES = {"ObjectStore", "StoredObject", "StorageError", "Upload", "context_key", "open_store"}
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "capture-agent").rglob("*.py")), ids=lambda p: p.name)

@@ -58,6 +58,7 @@ except ImportError as exc:  # run by a Python without podcap's dev install
 
 WORKLOAD = Path(__file__).resolve().with_name("workload.py")
 HTTP_PORT = 8080
+SERVICE_IP = "10.96.0.10"  # the checkout Service's ClusterIP in the static inventory
 AGENT_PORT = 7443  # what every node's agent listens on inside its node, as in a cluster
 CONTROLLER_PORT = 7070  # the README's; another free port when it is taken
 NAMESPACE = "shop"
@@ -296,12 +297,22 @@ class Demo:
                 for n, p in self.pods.items()
             ],
             "agents": {node: address for node, (_, address) in self.agents.items()},
+            # The Service the frontend calls, for `podcap capture --between` and `podcap diagnose`.
+            "services": [
+                {
+                    "namespace": NAMESPACE,
+                    "name": "checkout",
+                    "clusterIP": SERVICE_IP,
+                    "ports": [{"name": "http", "port": 80, "targetPort": HTTP_PORT, "protocol": "TCP"}],
+                    "selector": {"app": "checkout"},
+                }
+            ],
         }
         path = self.workdir / "inventory.yaml"
         path.write_text(
-            "# Written by the podcap demo: the simulated cluster's pods and, for each node, where its agent\n"
-            "# listens (relays into the node namespaces). `podcap controller --inventory` reads it.\n"
-            + yaml.safe_dump(inventory, sort_keys=False)
+            "# Written by the podcap demo: the simulated cluster's pods, for each node where its agent\n"
+            "# listens (relays into the node namespaces), and its Service.\n"
+            "# `podcap controller --inventory` reads it.\n" + yaml.safe_dump(inventory, sort_keys=False)
         )
         return path
 
@@ -352,7 +363,7 @@ class Demo:
         _say(f"  namespaces: {' '.join(self.lab.netns_names())}")
         _say()
         _say(f"Static inventory ({_shown(inventory)}), as the controller reads it:")
-        for line in inventory.read_text().splitlines()[2:]:
+        for line in inventory.read_text().splitlines()[3:]:
             _say(f"  {line}")
         _say()
         shown = ["podcap", *(_shown(Path(a)) if a.startswith("/") else a for a in self.controller_argv[1:])]

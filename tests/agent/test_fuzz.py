@@ -423,6 +423,52 @@ def test_resolve_pod(agent: Agent, ips: list[str], interface: str, namespace: st
     assert_answer(code, details, FOR_BAD_INPUT | {Code.OK}, "ResolvePod")
 
 
+# A timeout the agent accepts, short (a host that happens to be a DNS name is asked of a nameserver that never
+# answers in the lab), or one it refuses.
+PROBE_TIMEOUT = Duration(nanos=50_000_000)
+probe_timeouts = st.sampled_from(
+    [
+        PROBE_TIMEOUT,
+        Duration(),
+        Duration(seconds=11),
+        Duration(seconds=-1),
+        Duration(nanos=-1),
+        Duration(seconds=2**62),
+    ]
+)
+hosts = st.one_of(st.just("127.0.0.1"), st.just("localhost"), st.ip_addresses().map(str), text)
+probe_addresses = st.builds(
+    agent_pb2.ProbeAddress,
+    step=st.one_of(st.just("service"), text),
+    label=text,
+    address=st.one_of(st.just("127.0.0.1"), text),
+    port=st.one_of(st.just(9), int32),
+)
+
+
+@LONG
+@SETTINGS
+@given(
+    ips=ip_lists,
+    host=hosts,
+    port=st.one_of(st.just(9), int32),
+    also=st.lists(probe_addresses, max_size=6),
+    timeout=probe_timeouts,
+)
+def test_probe(
+    agent: Agent, ips: list[str], host: str, port: int, also: list[agent_pb2.ProbeAddress], timeout: Duration
+) -> None:
+    request = agent_pb2.ProbeRequest(
+        pod=agent_pb2.PodRef(namespace="shop", name="server", ips=ips), host=host, port=port, also=also
+    )
+    if timeout != Duration():
+        request.timeout.CopyFrom(timeout)
+    before = agent.tcpdump_starts()
+    code, details = call(agent.channel, SERVICE, "Probe", request.SerializeToString())
+    assert_answer(code, details, FOR_BAD_INPUT | {Code.OK}, "Probe")
+    _assert_nothing_left(agent, before)
+
+
 def _templates(agent: Agent) -> dict[str, Message]:
     """One well-formed request per RPC, every string field set, to break one field at a time."""
     ref = agent_pb2.AgentCaptureRef(capture_id="fz-unknown")
@@ -437,6 +483,14 @@ def _templates(agent: Agent) -> dict[str, Message]:
             pod=agent_pb2.PodRef(namespace="shop", name="server", ips=["10.251.2.10"]), pod_interface="eth0"
         ),
         "ListInterfaces": agent_pb2.ListInterfacesRequest(),
+        # The pod's own loopback: every connect is answered at once (RST), whatever part of it survives.
+        "Probe": agent_pb2.ProbeRequest(
+            pod=agent_pb2.PodRef(namespace="shop", name="server", ips=[agent.pod_ip]),
+            host="127.0.0.1",
+            port=9,
+            also=[agent_pb2.ProbeAddress(step="service", label="ClusterIP", address="127.0.0.1", port=9)],
+            timeout=PROBE_TIMEOUT,
+        ),
     }
 
 

@@ -21,6 +21,7 @@ import secrets
 import shutil
 import signal
 import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -30,6 +31,7 @@ import grpc
 import pytest
 from google.protobuf.duration_pb2 import Duration
 
+import podcap.agent
 from podcap.api.v1 import agent_pb2, common_pb2
 from tests.support.agents import NodeAgent, tcpdumps_writing_into, wait_for
 from tests.support.lab import Lab
@@ -41,8 +43,13 @@ PORT = 8080
 COMPLETED, FAILED = common_pb2.CAPTURE_STATE_COMPLETED, common_pb2.CAPTURE_STATE_FAILED
 # What the agent runs: itself (the first execve, by strace), and setpriv, which starts tcpdump to capture and tshark
 # to summarise. Nothing else: not ldconfig either (ctypes.util.find_library would run it to find libpcap, with which
-# the agent checks filters; the agent loads libpcap by its soname).
-ALLOWED = {"podcap", "setpriv", "tcpdump", "tshark"}
+# the agent checks filters; the agent loads libpcap by its soname). The network context of each capture reads the node's NAT rules, conntrack
+# table and IPVS services with their own tools (capture-agent/_context.py), found at the start as the others are.
+# The per-end exchanges (capture-agent/_exchanges.py) run pyshark in a child of the agent's own interpreter, the
+# fixed script _dissect.py, under tshark's launcher; its tshark inherits that confinement.
+CONTEXT_TOOLS = {"iptables-save", "ip6tables-save", "conntrack", "ipvsadm"}
+DISSECT = Path(podcap.agent.__file__).resolve().parent / "_dissect.py"
+ALLOWED = {"podcap", "setpriv", "tcpdump", "tshark", Path(sys.executable).name, *CONTEXT_TOOLS}
 # setpriv's options for each program it starts, exactly: tcpdump as the tcpdump user with CAP_NET_RAW alone, ended
 # with SIGINT (it flushes) if the agent dies; tshark, which parses what pods sent, as that user with no capability.
 LAUNCHERS = {
@@ -66,6 +73,20 @@ LAUNCHERS = {
         "--bounding-set=-all",
         "--no-new-privs",
     ],
+    # The node's NAT rules, conntrack table and IPVS services: CAP_NET_ADMIN (and NET_RAW for legacy iptables).
+    **{
+        tool: [
+            "--pdeathsig=KILL",
+            "--reuid=tcpdump",
+            "--regid=tcpdump",
+            "--clear-groups",
+            "--inh-caps=-all,+net_admin,+net_raw",
+            "--ambient-caps=-all,+net_admin,+net_raw",
+            "--bounding-set=-all,+net_admin,+net_raw",
+            "--no-new-privs",
+        ]
+        for tool in CONTEXT_TOOLS
+    },
 }
 SHELLS = {"sh", "bash", "dash", "zsh", "ksh", "busybox", "env", "python", "python3"}
 # tcpdump's own options as the agent builds them, each with whether it takes a value.
@@ -83,6 +104,8 @@ TCPDUMP_OPTIONS = {
 DEFAULT_CAPTURE = ["-i", "-w", "-U", "-n", "-s", "262144", "-B", "32768"]
 _EXECVE = re.compile(r'^(\d+) +execve\("((?:\\x[0-9a-f]{2})*)", \[(.*?)\](.*)$')
 _STRING = re.compile(r'"((?:\\x[0-9a-f]{2})*)"')
+# A fork's result: on its own line, or on the `<... clone3 resumed>` line when another syscall came in between.
+_FORK = re.compile(r"^(\d+) +(?:<\.\.\. )?(?:clone3?|v?fork)(?: resumed>|\().* = (\d+)$")
 
 
 @dataclass
@@ -97,14 +120,18 @@ def _decode(hexed: str) -> str:
     return bytes.fromhex(hexed.replace("\\x", "")).decode("utf-8", "surrogateescape")
 
 
-def parse_trace(text: str) -> list[Exec]:
+def parse_trace(text: str) -> tuple[list[Exec], dict[int, int]]:
     """Every execve strace recorded (with -xx every string is hex-escaped, so nothing is ambiguous), with whether
     it succeeded: on the same line, or on the `<... execve resumed>` line of its pid when another process's
-    syscall came in between."""
+    syscall came in between; and the parent of every process forked (child pid -> parent pid)."""
     execs: list[Exec] = []
+    parents: dict[int, int] = {}
     unfinished: dict[int, Exec] = {}
     for line in text.splitlines():
         assert "execveat(" not in line, line
+        if (fork := _FORK.match(line)) is not None:
+            parents[int(fork[2])] = int(fork[1])
+            continue
         if "execve resumed>" in line:
             pid = int(line.split()[0])
             unfinished.pop(pid).ok = line.rstrip().endswith("= 0")
@@ -118,7 +145,26 @@ def parse_trace(text: str) -> list[Exec]:
         execs.append(Exec(int(match[1]), _decode(match[2]), argv, line.rstrip().endswith("= 0")))
         if line.rstrip().endswith("<unfinished ...>"):
             unfinished[execs[-1].pid] = execs[-1]
-    return execs
+    return execs, parents
+
+
+def _is_dissect(e: Exec) -> bool:
+    """The exchanges' pyshark child: this interpreter, isolated (-I), running the fixed script with tshark's path."""
+    return (
+        len(e.argv) == 4
+        and Path(e.path).name == Path(sys.executable).name
+        and e.argv[1] == "-I"
+        and Path(e.argv[2]).resolve() == DISSECT
+        and Path(e.argv[3]).name == "tshark"
+    )
+
+
+def _descends(pid: int, ancestors: set[int], parents: dict[int, int]) -> bool:
+    while pid in parents:
+        pid = parents[pid]
+        if pid in ancestors:
+            return True
+    return False
 
 
 def _strace_works() -> str | None:
@@ -147,7 +193,7 @@ def traced_agent(lab: Lab, spool: Path, tmp_path: Path) -> Iterator[tuple[NodeAg
         pytest.skip(problem)
     trace = tmp_path / "execve.trace"
     prefix = ["strace", "-f", "-qq", "--seccomp-bpf", "-xx", "-s", "65536"]
-    prefix += ["-e", "trace=execve,execveat", "-o", str(trace), "--"]
+    prefix += ["-e", "trace=execve,execveat,clone,clone3,fork,vfork", "-o", str(trace), "--"]
     agent = NodeAgent(
         lab, lab.nodes["node-2"], f"file://{tmp_path / 'store'}", spool, tmp_path, prefix=prefix
     )
@@ -303,11 +349,16 @@ def test_the_agent_never_runs_a_shell_and_never_hands_user_text_to_tcpdump_as_an
         assert ended[0].stats.packets > 0 and ended[0].summary.error == ""  # tshark summarised it
         assert tcpdumps_writing_into(spool) == []
 
-    execs = parse_trace(trace.read_text())
+    execs, parents = parse_trace(trace.read_text())
     programs = [Path(e.path).name for e in execs]  # tried or run
     assert programs[0] == "podcap"
     assert set(programs) <= ALLOWED, f"the agent ran {set(programs) - ALLOWED}"
-    assert not (set(programs) | {Path(e.argv[0]).name for e in execs if e.argv}) & SHELLS
+    dissects = {e.pid for e in execs if _is_dissect(e)}
+    assert dissects, "the trace covers the exchanges' pyshark child too"
+    others = [e for e in execs if e.pid not in dissects]
+    assert (
+        not ({Path(e.path).name for e in others} | {Path(e.argv[0]).name for e in others if e.argv}) & SHELLS
+    )
     assert "tshark" in programs  # the trace covers the summary's programs too
     # Absolute paths, found when the agent started: no exec searched PATH (execvp would try each entry in turn).
     assert all(e.ok and Path(e.path).is_absolute() and e.argv[0] == e.path for e in execs[1:]), [
@@ -323,10 +374,16 @@ def test_the_agent_never_runs_a_shell_and_never_hands_user_text_to_tcpdump_as_an
             launched[e.pid] = e
             continue
         setpriv = launched.pop(e.pid, None)  # the same process, so the confinement setpriv set up is in force
-        assert setpriv is not None, f"{e.path} ran without setpriv: {e.argv}"
+        if setpriv is None:  # only pyshark's tshark, a descendant of the confined child, which it inherits
+            assert Path(e.path).name == "tshark" and _descends(e.pid, dissects, parents), e
+            assert not any(text in arg for text in compiling for arg in e.argv), e.argv
+            continue
         cut = setpriv.argv.index("--")
         assert setpriv.argv[cut + 1 :] == e.argv, (setpriv.argv, e.argv)
-        assert setpriv.argv[1:cut] == LAUNCHERS[Path(e.path).name], setpriv.argv
+        name = "tshark" if e.pid in dissects else Path(e.path).name  # the child runs under tshark's launcher
+        assert setpriv.argv[1:cut] == LAUNCHERS[name], setpriv.argv
+        if e.pid in dissects:
+            continue
         if Path(e.path).name == "tcpdump":
             filters_seen.append(_check_tcpdump_argv(e.argv, server.host_if, spool, set(compiling)))
         else:  # tshark: a fixed argv, the pcap on stdin

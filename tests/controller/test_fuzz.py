@@ -170,6 +170,14 @@ def _templates() -> dict[str, Message]:
             namespace="shop", pod="web-1", page_token="abc", requester="anonymous"
         ),
         "ListPods": capture_pb2.ListPodsRequest(namespace="shop"),
+        "Diagnose": capture_pb2.DiagnoseRequest(
+            namespace="shop",
+            pod="web-1",
+            host="checkout",
+            port=80,
+            capture_duration=Duration(seconds=5),
+            reason="ticket 1",
+        ),
         **{name: message_class(SERVICE.methods_by_name[name].input_type)(id="0" * 32) for name in BY_ID},
     }
 
@@ -261,6 +269,32 @@ def test_list_captures(
     assert_answer(code, details, {Code.OK, Code.INVALID_ARGUMENT}, "ListCaptures")
 
 
+@LONG
+@SETTINGS
+@given(
+    namespace=names,
+    pod=names,
+    host=st.one_of(
+        st.just("checkout"), st.just("10.1.0.9"), st.just("checkout.shop.svc.cluster.local"), text
+    ),
+    port=st.one_of(st.just(80), int32),
+    duration=st.one_of(st.none(), durations),
+    reason=st.one_of(st.just(""), text),
+)
+def test_diagnose(
+    api: Api, namespace: str, pod: str, host: str, port: int, duration: Duration | None, reason: str
+) -> None:
+    request = capture_pb2.DiagnoseRequest(
+        namespace=namespace, pod=pod, host=host, port=port, capture_duration=duration, reason=reason
+    )
+    before = api.captures()
+    code, details = call(api.channel, SERVICE, "Diagnose", request.SerializeToString())
+    # A request valid in every field starts its capture, whose dispatch to the absent agent fails.
+    assert_answer(code, details, FOR_BAD_INPUT | {Code.UNAVAILABLE}, "Diagnose")
+    if code != Code.UNAVAILABLE:
+        assert api.captures() == before
+
+
 def _expected_by_id(api: Api, rpc: str, capture_id: str, target: int) -> set[grpc.StatusCode]:
     if _CAPTURE_ID_PREFIX.fullmatch(capture_id):  # a unique prefix stands for the whole id, as with git
         capture_id = api.stored_id if api.stored_id.startswith(capture_id) else capture_id
@@ -302,7 +336,7 @@ def test_every_rpc_is_fuzzed() -> None:
         set(_templates())
         == set(RPCS)
         == {rpc for rpc, _ in CASES}
-        == {"CreateCapture", "ListCaptures", "ListPods", *BY_ID}
+        == {"CreateCapture", "ListCaptures", "ListPods", "Diagnose", *BY_ID}
     )
 
 
@@ -339,7 +373,7 @@ def test_garbage_and_truncated_requests(api: Api, rpc: str, data: st.DataObject)
     before = api.captures()
     code, details = call(api.channel, SERVICE, rpc, raw)
     # Bytes that happen to parse are an ordinary request, answered as such.
-    allowed = CREATE_ANSWERS if rpc == "CreateCapture" else FOR_BAD_INPUT | {Code.OK}
+    allowed = CREATE_ANSWERS if rpc in ("CreateCapture", "Diagnose") else FOR_BAD_INPUT | {Code.OK}
     assert_answer(code, details, allowed, rpc)
     if code != Code.UNAVAILABLE:
         assert api.captures() == before

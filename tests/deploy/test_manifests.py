@@ -244,6 +244,8 @@ def check_controller(docs: list[dict[str, Any]]) -> None:
     assert granted == {
         ("", "pods", "get"),
         ("", "pods", "list"),
+        ("", "services", "get"),
+        ("discovery.k8s.io", "endpointslices", "list"),
         ("authentication.k8s.io", "tokenreviews", "create"),
         ("authorization.k8s.io", "subjectaccessreviews", "create"),
     }

@@ -12,6 +12,7 @@ import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import boto3
 import pytest
@@ -33,6 +34,14 @@ def spool() -> Iterator[Path]:
 @pytest.fixture
 def controller_flags() -> list[str]:
     """Extra flags for the stack's controller; a test module overrides this fixture to add its own."""
+    return []
+
+
+@pytest.fixture
+def services() -> list[dict[str, Any]]:
+    """Services for the stack's inventory, as the static inventory file writes them (`endpoints`: lab pod names);
+    a test module overrides this fixture to add its own. The fake API server gets them as Services with
+    EndpointSlices."""
     return []
 
 
@@ -98,6 +107,23 @@ def stack(request: pytest.FixtureRequest, lab: Lab, fake_kube: FakeKube, tmp_pat
 
     for pod in lab.pods.values():
         fake_kube.add_pod(pod.namespace, pod.name, node=pod.node, ips=[pod.ip], labels=LABELS)
+    for service in request.getfixturevalue("services"):
+        fake_kube.add_service(
+            service["namespace"], service["name"], service.get("ports", []), service.get("clusterIP", "")
+        )
+        endpoints = [
+            {"ip": lab.pods[name].ip, "pod": name, "node": lab.pods[name].node}
+            for name in service["endpoints"]
+        ]
+        slice_ports = [
+            {
+                "name": p.get("name", ""),
+                "port": p.get("targetPort", p["port"]),
+                "protocol": p.get("protocol", "TCP"),
+            }
+            for p in service.get("ports", [])
+        ]
+        fake_kube.add_endpoint_slice(service["namespace"], service["name"], endpoints, slice_ports)
     if request.param.endswith("kubernetes"):
         source = ["--kubeconfig", str(fake_kube.write_kubeconfig(tmp_path / "kubeconfig"))]
     else:
@@ -110,6 +136,7 @@ def stack(request: pytest.FixtureRequest, lab: Lab, fake_kube: FakeKube, tmp_pat
                 n.name: f"127.0.0.{i + 2}:{agent_port}"
                 for i, n in enumerate(sorted(lab.nodes.values(), key=lambda n: n.name))
             },
+            "services": request.getfixturevalue("services"),
         }
         (tmp_path / "inventory.yaml").write_text(yaml.safe_dump(inventory))
         source = ["--inventory", str(tmp_path / "inventory.yaml")]

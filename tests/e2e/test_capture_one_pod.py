@@ -165,6 +165,17 @@ def test_capture_of_one_pod_holds_exactly_its_filtered_traffic(stack: Stack, tmp
         summary["conversations"][0]["endpointB"].rsplit(":", 1)[0],
     } == {client.ip, server.ip}
     assert int(summary.get("tcpResets", 0)) == 0 and not summary.get("error")
+    # The network around the capture, read by the agent on node-2 at both ends (the whole record beside the pcap).
+    context = detail["targets"][0]["context"]
+    assert any(a.startswith(f"eth0 {server.ip}/") for a in context["pod_addresses"])
+    assert context["host_device_end"]["device"] == server.host_if
+    to_server = sum(1 for _src, dst, *_ in packets if dst == server.ip)
+    sent = int(context["host_device_end"]["tx_packets"]) - int(
+        context["host_device_start"].get("tx_packets", 0)
+    )
+    assert sent >= to_server
+    assert context["object_key"] == row.object_key.removesuffix(".pcap") + ".context.json"
+    assert f"network: pod eth0 {server.ip}/" in shown_text, shown_text
     assert shown.pop("history") == []  # snapshots from WatchCapture carry no history; GetCapture does
     assert detail == shown
     # Every transition once, in order, for the capture and for its one pod.

@@ -8,6 +8,9 @@ port, from a daemon thread:
     GET /api/v1/namespaces/{ns}/pods/{name}      a Pod, or a 404 Status
     GET /api/v1/namespaces/{ns}/pods             a PodList; labelSelector and fieldSelector honoured
     GET /api/v1/pods                             the same across namespaces
+    GET /api/v1/namespaces/{ns}/services/{name}  a Service, or a 404 Status
+    GET /apis/discovery.k8s.io/v1/namespaces/{ns}/endpointslices
+                                                 an EndpointSliceList; labelSelector honoured
     GET /version, GET /api
 
 Requests must carry the bearer token written by `write_kubeconfig` (else 401). Errors are injected with
@@ -111,6 +114,8 @@ class FakeKube:
         self.token = secrets.token_hex(16)
         self.requests: list[Request] = []
         self.pods: dict[tuple[str, str], dict[str, Any]] = {}
+        self.services: dict[tuple[str, str], dict[str, Any]] = {}
+        self.endpoint_slices: dict[tuple[str, str], dict[str, Any]] = {}
         # TokenReview: bearer token -> (username, groups); SubjectAccessReview: RBAC-like rules per user/group.
         self.users: dict[str, tuple[str, list[str]]] = {}
         self.rules: list[AccessRule] = []
@@ -216,6 +221,88 @@ class FakeKube:
             labels=dict(AGENT_LABELS),
             ready=ready,
         )
+
+    def add_service(
+        self,
+        namespace: str,
+        name: str,
+        ports: Sequence[dict[str, Any]],
+        cluster_ip: str = "10.96.0.10",
+        selector: dict[str, str] | None = None,
+    ) -> dict[str, Any]:
+        """A Service; `ports` as in its spec ({"name", "port", "targetPort", "protocol"}). Its endpoints are
+        EndpointSlices of their own (`add_endpoint_slice`), as the EndpointSlice controller would write them."""
+        service: dict[str, Any] = {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {
+                "name": name,
+                "namespace": namespace,
+                "uid": str(uuid.uuid4()),
+                "resourceVersion": str(next(self._versions)),
+                "creationTimestamp": _CREATED,
+            },
+            "spec": {
+                "type": "ClusterIP",
+                "clusterIP": cluster_ip,
+                "clusterIPs": [cluster_ip],
+                "selector": dict(selector or {}),
+                "ports": [{"protocol": "TCP", **port} for port in ports],
+            },
+            "status": {"loadBalancer": {}},
+        }
+        with self._lock:
+            self.services[(namespace, name)] = service
+        return service
+
+    def add_endpoint_slice(
+        self,
+        namespace: str,
+        service: str,
+        endpoints: Sequence[dict[str, Any]],
+        ports: Sequence[dict[str, Any]],
+        name: str | None = None,
+    ) -> dict[str, Any]:
+        """An EndpointSlice of `service`; each endpoint {"ip", "pod", "node", "ready"} (pod "" for an endpoint
+        that is no pod), each port {"name", "port", "protocol"} as the slice carries them."""
+        slice_name = name or f"{service}-{secrets.token_hex(3)}"
+        endpoint_slice: dict[str, Any] = {
+            "apiVersion": "discovery.k8s.io/v1",
+            "kind": "EndpointSlice",
+            "metadata": {
+                "name": slice_name,
+                "namespace": namespace,
+                "uid": str(uuid.uuid4()),
+                "resourceVersion": str(next(self._versions)),
+                "creationTimestamp": _CREATED,
+                "labels": {
+                    "kubernetes.io/service-name": service,
+                    "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io",
+                },
+            },
+            "addressType": "IPv6" if any(":" in e["ip"] for e in endpoints) else "IPv4",
+            "endpoints": [
+                {
+                    "addresses": [endpoint["ip"]],
+                    "conditions": {
+                        "ready": endpoint.get("ready", True),
+                        "serving": endpoint.get("ready", True),
+                        "terminating": False,
+                    },
+                    **({"nodeName": endpoint["node"]} if endpoint.get("node") else {}),
+                    **(
+                        {"targetRef": {"kind": "Pod", "namespace": namespace, "name": endpoint["pod"]}}
+                        if endpoint.get("pod")
+                        else {}
+                    ),
+                }
+                for endpoint in endpoints
+            ],
+            "ports": [{"protocol": "TCP", **port} for port in ports],
+        }
+        with self._lock:
+            self.endpoint_slices[(namespace, slice_name)] = endpoint_slice
+        return endpoint_slice
 
     def add_user(self, token: str, username: str, groups: Sequence[str] = ()) -> None:
         """A token TokenReview authenticates as `username` (in `groups`)."""
@@ -371,6 +458,21 @@ class FakeKube:
             return self._list(None, query)
         if len(parts) == 5 and parts[:2] == ["api", "v1"] and parts[2] == "namespaces" and parts[4] == "pods":
             return self._list(parts[3], query)
+        if len(parts) == 6 and parts[:3] == ["api", "v1", "namespaces"] and parts[4] == "services":
+            namespace, name = parts[3], parts[5]
+            with self._lock:
+                service = self.services.get((namespace, name))
+                if service is not None:
+                    return copy.deepcopy(service)
+            raise _StatusError(
+                404, status_object(404, f'services "{name}" not found', name=name, kind="services")
+            )
+        if (
+            len(parts) == 6
+            and parts[:4] == ["apis", "discovery.k8s.io", "v1", "namespaces"]
+            and parts[5] == "endpointslices"
+        ):
+            return self._list_slices(parts[4], query)
         if len(parts) == 6 and parts[:3] == ["api", "v1", "namespaces"] and parts[4] == "pods":
             namespace, name = parts[3], parts[5]
             with self._lock:
@@ -400,6 +502,27 @@ class FakeKube:
         return {
             "kind": "PodList",
             "apiVersion": "v1",
+            "metadata": {"resourceVersion": "2000"},
+            "items": items,
+        }
+
+    def _list_slices(self, namespace: str, query: dict[str, str]) -> dict[str, Any]:
+        try:
+            labels = _selectors.parse(query.get("labelSelector", ""))
+        except ValueError as error:
+            raise _StatusError(400, status_object(400, f"unable to parse requirement: {error}")) from None
+        with self._lock:
+            items = [
+                copy.deepcopy(endpoint_slice)
+                for (slice_namespace, _), endpoint_slice in sorted(self.endpoint_slices.items())
+                if slice_namespace == namespace and labels.matches(endpoint_slice["metadata"]["labels"])
+            ]
+        for item in items:
+            item.pop("kind")
+            item.pop("apiVersion")
+        return {
+            "kind": "EndpointSliceList",
+            "apiVersion": "discovery.k8s.io/v1",
             "metadata": {"resourceVersion": "2000"},
             "items": items,
         }
@@ -435,14 +558,18 @@ def _field_selector(selector: str) -> list[tuple[str, str, bool]]:
 def _default_message(code: int, path: str) -> str:
     """What the API server says, with the user and resource filled in from the path."""
     parts = path.strip("/").split("/")
-    namespace = parts[3] if len(parts) > 3 and parts[2] == "namespaces" else ""
-    verb, name = ("get", parts[5]) if len(parts) == 6 else ("list", "")
+    # /api/v1/... is the core group; /apis/GROUP/VERSION/... any other.
+    group, rest = ("", parts[2:]) if parts[0] == "api" else (parts[1] if len(parts) > 1 else "", parts[3:])
+    namespace = rest[1] if len(rest) > 2 and rest[0] == "namespaces" else ""
+    rest = rest[2:] if namespace else rest
+    resource = rest[0] if rest else "pods"
+    verb, name = ("get", rest[1]) if len(rest) == 2 else ("list", "")
     if code == 403:
         scope = f' in the namespace "{namespace}"' if namespace else " at the cluster scope"
-        subject = f'pods "{name}"' if name else "pods"
+        subject = f'{resource} "{name}"' if name else resource
         return (
             f'{subject} is forbidden: User "system:serviceaccount:podcap-system:podcap-controller" '
-            f'cannot {verb} resource "pods" in API group ""{scope}'
+            f'cannot {verb} resource "{resource}" in API group "{group}"{scope}'
         )
     if code == 410:
         return "too old resource version: 1000 (2000)"

@@ -67,6 +67,8 @@ def set_string(message: Message, path: str, value: str) -> None:
     *parents, name = path.split(".")
     for parent in parents:
         message = getattr(message, parent)
+        if not isinstance(message, Message):
+            message = message[0] if len(message) else message.add()  # a repeated message: its first one
     if message.DESCRIPTOR.fields_by_name[name].is_repeated:
         getattr(message, name).append(value)
     else:

@@ -311,12 +311,17 @@ class Lab:
         cni: str = "calico",
         extra_interfaces: Sequence[ExtraInterface] = (),
         netns_dir: str | None = _NETNS_DIR,
+        resolv_conf: str | None = None,
     ) -> LabPod:
         """Wire a pod into ``node`` the way ``cni`` does and start its "container" process.
 
         ``netns_dir``: /run/netns leaves the namespace named (``LabPod.netns`` is the name); another directory
         bind-mounts it there under the generated name and removes the name; None removes the name, so only
         ``/proc/<container_pid>/ns/net`` leads to it. Either way the lab still tears it down.
+
+        ``resolv_conf``: the text of the container's /etc/resolv.conf. The container then runs in a mount
+        namespace of its own (``unshare --mount``) with that file bind-mounted over /etc/resolv.conf, as a runtime
+        mounts the kubelet's file into each container; the mount dies with the container.
         """
         if name in self.pods:
             raise ValueError(f"pod {name} already exists in the lab")
@@ -341,8 +346,8 @@ class Lab:
             _tc(host.netns, wiring.tc)
         _ip(["-n", label], ["link set lo up", "link set eth0 up", *wiring.pod])
         extra = tuple(self._extra(host, label, namespace, name, iface) for iface in extra_interfaces)
-        container = self.popen(label, ["sleep", "infinity"], stdin=subprocess.DEVNULL)
-        self._wait_inside(container.pid, label)
+        container = self.popen(label, self._container(label, resolv_conf), stdin=subprocess.DEVNULL)
+        self._wait_inside(container.pid, label, "sleep")
         self._pod_netns[name] = label
         pod = LabPod(
             namespace=namespace,
@@ -497,13 +502,23 @@ class Lab:
         _ip(["-n", label], pod_cmds)
         return PodInterface(iface.name, host_if, mac, tuple(iface.addresses))
 
-    def _wait_inside(self, pid: int, label: str) -> None:
-        """Until ``pid`` (``ip netns exec`` at first) has entered the namespace and exec'd the container."""
+    def _container(self, label: str, resolv_conf: str | None) -> list[str]:
+        """The "container" command: ``sleep infinity``, under its own resolv.conf if one is given."""
+        if resolv_conf is None:
+            return ["sleep", "infinity"]
+        path = os.path.join(self.scratch, f"{label}-resolv.conf")
+        with open(path, "w") as f:
+            f.write(resolv_conf)
+        mount = 'mount --bind "$1" /etc/resolv.conf && exec sleep infinity'
+        return ["unshare", "--mount", "--propagation", "private", "sh", "-c", mount, "sh", path]
+
+    def _wait_inside(self, pid: int, label: str, comm: str) -> None:
+        """Until ``pid`` (``ip netns exec`` at first) has entered the namespace and exec'd ``comm``."""
         want = _fd_key(self._pins[label])
         deadline = time.monotonic() + 10
         while True:
             with contextlib.suppress(OSError):
-                if _key(f"/proc/{pid}/ns/net") == want:
+                if _key(f"/proc/{pid}/ns/net") == want and _comm(pid) == comm:
                     return
             if time.monotonic() > deadline:
                 raise RuntimeError(f"container process {pid} never entered {label}")
@@ -619,6 +634,48 @@ class Lab:
             argv = [sys.executable, "-c", _URLLIB_GET, url, str(timeout)]
         return int(self.run(from_netns, argv, timeout=timeout + 10).stdout.strip())
 
+    @contextlib.contextmanager
+    def tcpdumps(self, *ends: tuple[_Where, str, str]) -> Iterator[None]:
+        """Real tcpdump on each (netns, device, pcap path) at once, listening before the body runs; stopped
+        (SIGINT, so each writes out its buffer) and waited for when it ends."""
+        procs: list[subprocess.Popen[Any]] = []
+        try:
+            for netns, device, path in ends:
+                proc = self.popen(
+                    netns,
+                    ["tcpdump", "-Z", "root", "-i", device, "-w", path, "-U", "-n", "--immediate-mode"],
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                )
+                procs.append(proc)
+                assert proc.stderr is not None
+                line = proc.stderr.readline()
+                if b"listening on" not in line:
+                    raise RuntimeError(f"tcpdump on {device} did not start: {line!r}")
+            yield
+        finally:
+            for proc in procs:
+                proc.send_signal(signal.SIGINT)
+            for proc in procs:
+                proc.wait(10)
+                assert proc.stderr is not None
+                proc.stderr.close()
+
+    def dns_server(
+        self, netns: _Where, records: dict[str, str], log: str | None = None, *, answer: bool = True
+    ) -> subprocess.Popen[Any]:
+        """A DNS server on UDP port 53 in ``netns``: A records from ``records`` (name -> IPv4), NXDOMAIN for other
+        names, an empty answer for other types; with ``answer=False`` it reads queries and never answers. Each
+        question is appended to ``log`` as "source-ip name type". Returns once it has bound its socket."""
+        argv = [sys.executable, "-c", _DNS_SERVER, log or os.devnull, "1" if answer else ""]
+        argv += [f"{name.lower()}={ip}" for name, ip in records.items()]
+        proc = self.popen(netns, argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
+        assert proc.stdout is not None
+        if proc.stdout.readline() != b"ready\n":
+            raise RuntimeError(f"the DNS server in {_ns(netns)} did not start (rc={proc.poll()})")
+        return proc
+
     def udp_send(self, from_netns: _Where, ip: str, port: int, payload: bytes, count: int = 1) -> None:
         """Send ``count`` datagrams from a socket inside ``from_netns`` (no subprocess)."""
         family = socket.AF_INET6 if ":" in ip else socket.AF_INET
@@ -732,6 +789,34 @@ class Lab:
             raise errors[0]
 
 
+_DNS_SERVER = r"""
+import socket, struct, sys
+log = open(sys.argv[1], "a", buffering=1)
+answering, records = bool(sys.argv[2]), dict(arg.split("=") for arg in sys.argv[3:])
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.bind(("0.0.0.0", 53))
+print("ready", flush=True)
+while True:
+    data, peer = sock.recvfrom(512)
+    qid = struct.unpack("!H", data[:2])[0]
+    i, labels = 12, []
+    while data[i]:
+        labels.append(data[i + 1 : i + 1 + data[i]].decode())
+        i += 1 + data[i]
+    qtype = struct.unpack("!H", data[i + 1 : i + 3])[0]
+    question, name = data[12 : i + 5], ".".join(labels).lower()
+    log.write(f"{peer[0]} {name} {qtype}\n")
+    if not answering:
+        continue
+    answer, flags = b"", 0x8183  # NXDOMAIN
+    if name in records:
+        flags = 0x8180
+        if qtype == 1:
+            answer = b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 30, 4) + socket.inet_aton(records[name])
+    header = struct.pack("!HHHHHH", qid, flags, 1, 1 if answer else 0, 0, 0)
+    sock.sendto(header + question + answer, peer)
+"""
+
 _URLLIB_GET = """
 import sys, urllib.error, urllib.request
 opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -768,6 +853,11 @@ def _stop(proc: subprocess.Popen[Any]) -> None:
     for stream in (proc.stdin, proc.stdout, proc.stderr):
         if stream is not None:
             stream.close()
+
+
+def _comm(pid: int) -> str:
+    with open(f"/proc/{pid}/comm") as f:
+        return f.read().strip()
 
 
 def _key(path: str) -> tuple[int, int]:

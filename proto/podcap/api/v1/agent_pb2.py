@@ -27,35 +27,41 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from podcap.api.v1 import common_pb2 as podcap_dot_api_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19podcap/api/v1/agent.proto\x12\rpodcap.api.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1apodcap/api/v1/common.proto\"\x19\n\tPcapChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"6\n\x06PodRef\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0b\n\x03ips\x18\x03 \x03(\t\"\xf9\x01\n\x13StartCaptureRequest\x12\x12\n\ncapture_id\x18\x01 \x01(\t\x12\"\n\x03pod\x18\x02 \x01(\x0b\x32\x15.podcap.api.v1.PodRef\x12\x0e\n\x06\x66ilter\x18\x03 \x01(\t\x12+\n\x08\x64uration\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12,\n\x06limits\x18\x05 \x01(\x0b\x32\x1c.podcap.api.v1.CaptureLimits\x12\x12\n\nobject_key\x18\x06 \x01(\t\x12\x15\n\rpod_interface\x18\x07 \x01(\t\x12\x14\n\x0chost_network\x18\x08 \x01(\x08\"%\n\x0f\x41gentCaptureRef\x12\x12\n\ncapture_id\x18\x01 \x01(\t\"\x80\x03\n\x0c\x41gentCapture\x12\x12\n\ncapture_id\x18\x01 \x01(\t\x12*\n\x05state\x18\x02 \x01(\x0e\x32\x1b.podcap.api.v1.CaptureState\x12-\n\nresolution\x18\x03 \x01(\x0b\x32\x19.podcap.api.v1.Resolution\x12*\n\x05stats\x18\x04 \x01(\x0b\x32\x1b.podcap.api.v1.CaptureStats\x12\x12\n\nobject_key\x18\x05 \x01(\t\x12\x0e\n\x06sha256\x18\x06 \x01(\t\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12.\n\nstart_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\x07summary\x18\n \x01(\x0b\x32\x1d.podcap.api.v1.CaptureSummary\x12\x14\n\x0cinterruption\x18\x0b \x01(\t\"\x1a\n\x18ListAgentCapturesRequest\"J\n\x19ListAgentCapturesResponse\x12-\n\x08\x63\x61ptures\x18\x01 \x03(\x0b\x32\x1b.podcap.api.v1.AgentCapture\"N\n\x11ResolvePodRequest\x12\"\n\x03pod\x18\x01 \x01(\x0b\x32\x15.podcap.api.v1.PodRef\x12\x15\n\rpod_interface\x18\x02 \x01(\t\"\x17\n\x15ListInterfacesRequest\"n\n\tInterface\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07ifindex\x18\x02 \x01(\x05\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x0b\n\x03mac\x18\x04 \x01(\t\x12\x11\n\taddresses\x18\x05 \x03(\t\x12\x14\n\x0cpeer_ifindex\x18\x06 \x01(\x05\"F\n\x16ListInterfacesResponse\x12,\n\ninterfaces\x18\x01 \x03(\x0b\x32\x18.podcap.api.v1.Interface2\x9c\x05\n\x0c\x41gentService\x12O\n\x0cStartCapture\x12\".podcap.api.v1.StartCaptureRequest\x1a\x1b.podcap.api.v1.AgentCapture\x12J\n\x0bStopCapture\x12\x1e.podcap.api.v1.AgentCaptureRef\x1a\x1b.podcap.api.v1.AgentCapture\x12I\n\nGetCapture\x12\x1e.podcap.api.v1.AgentCaptureRef\x1a\x1b.podcap.api.v1.AgentCapture\x12M\n\x0cWatchCapture\x12\x1e.podcap.api.v1.AgentCaptureRef\x1a\x1b.podcap.api.v1.AgentCapture0\x01\x12\x61\n\x0cListCaptures\x12\'.podcap.api.v1.ListAgentCapturesRequest\x1a(.podcap.api.v1.ListAgentCapturesResponse\x12I\n\nResolvePod\x12 .podcap.api.v1.ResolvePodRequest\x1a\x19.podcap.api.v1.Resolution\x12]\n\x0eListInterfaces\x12$.podcap.api.v1.ListInterfacesRequest\x1a%.podcap.api.v1.ListInterfacesResponse\x12H\n\nStreamPcap\x12\x1e.podcap.api.v1.AgentCaptureRef\x1a\x18.podcap.api.v1.PcapChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19podcap/api/v1/agent.proto\x12\rpodcap.api.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1apodcap/api/v1/common.proto\"\xa5\x01\n\x0cProbeRequest\x12\"\n\x03pod\x18\x01 \x01(\x0b\x32\x15.podcap.api.v1.PodRef\x12\x0c\n\x04host\x18\x02 \x01(\t\x12\x0c\n\x04port\x18\x03 \x01(\x05\x12)\n\x04\x61lso\x18\x04 \x03(\x0b\x32\x1b.podcap.api.v1.ProbeAddress\x12*\n\x07timeout\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\"J\n\x0cProbeAddress\x12\x0c\n\x04step\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x0c\n\x04port\x18\x04 \x01(\x05\";\n\rProbeResponse\x12*\n\x05steps\x18\x01 \x03(\x0b\x32\x1b.podcap.api.v1.DiagnoseStep\"\x19\n\tPcapChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"6\n\x06PodRef\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0b\n\x03ips\x18\x03 \x03(\t\"\xf9\x01\n\x13StartCaptureRequest\x12\x12\n\ncapture_id\x18\x01 \x01(\t\x12\"\n\x03pod\x18\x02 \x01(\x0b\x32\x15.podcap.api.v1.PodRef\x12\x0e\n\x06\x66ilter\x18\x03 \x01(\t\x12+\n\x08\x64uration\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12,\n\x06limits\x18\x05 \x01(\x0b\x32\x1c.podcap.api.v1.CaptureLimits\x12\x12\n\nobject_key\x18\x06 \x01(\t\x12\x15\n\rpod_interface\x18\x07 \x01(\t\x12\x14\n\x0chost_network\x18\x08 \x01(\x08\"%\n\x0f\x41gentCaptureRef\x12\x12\n\ncapture_id\x18\x01 \x01(\t\"\xb0\x03\n\x0c\x41gentCapture\x12\x12\n\ncapture_id\x18\x01 \x01(\t\x12*\n\x05state\x18\x02 \x01(\x0e\x32\x1b.podcap.api.v1.CaptureState\x12-\n\nresolution\x18\x03 \x01(\x0b\x32\x19.podcap.api.v1.Resolution\x12*\n\x05stats\x18\x04 \x01(\x0b\x32\x1b.podcap.api.v1.CaptureStats\x12\x12\n\nobject_key\x18\x05 \x01(\t\x12\x0e\n\x06sha256\x18\x06 \x01(\t\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12.\n\nstart_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\x07summary\x18\n \x01(\x0b\x32\x1d.podcap.api.v1.CaptureSummary\x12\x14\n\x0cinterruption\x18\x0b \x01(\t\x12.\n\x07\x63ontext\x18\x0c \x01(\x0b\x32\x1d.podcap.api.v1.NetworkContext\"\x1a\n\x18ListAgentCapturesRequest\"J\n\x19ListAgentCapturesResponse\x12-\n\x08\x63\x61ptures\x18\x01 \x03(\x0b\x32\x1b.podcap.api.v1.AgentCapture\"N\n\x11ResolvePodRequest\x12\"\n\x03pod\x18\x01 \x01(\x0b\x32\x15.podcap.api.v1.PodRef\x12\x15\n\rpod_interface\x18\x02 \x01(\t\"\x17\n\x15ListInterfacesRequest\"n\n\tInterface\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07ifindex\x18\x02 \x01(\x05\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x0b\n\x03mac\x18\x04 \x01(\t\x12\x11\n\taddresses\x18\x05 \x03(\t\x12\x14\n\x0cpeer_ifindex\x18\x06 \x01(\x05\"F\n\x16ListInterfacesResponse\x12,\n\ninterfaces\x18\x01 \x03(\x0b\x32\x18.podcap.api.v1.Interface2\xe0\x05\n\x0c\x41gentService\x12O\n\x0cStartCapture\x12\".podcap.api.v1.StartCaptureRequest\x1a\x1b.podcap.api.v1.AgentCapture\x12J\n\x0bStopCapture\x12\x1e.podcap.api.v1.AgentCaptureRef\x1a\x1b.podcap.api.v1.AgentCapture\x12I\n\nGetCapture\x12\x1e.podcap.api.v1.AgentCaptureRef\x1a\x1b.podcap.api.v1.AgentCapture\x12M\n\x0cWatchCapture\x12\x1e.podcap.api.v1.AgentCaptureRef\x1a\x1b.podcap.api.v1.AgentCapture0\x01\x12\x61\n\x0cListCaptures\x12\'.podcap.api.v1.ListAgentCapturesRequest\x1a(.podcap.api.v1.ListAgentCapturesResponse\x12I\n\nResolvePod\x12 .podcap.api.v1.ResolvePodRequest\x1a\x19.podcap.api.v1.Resolution\x12]\n\x0eListInterfaces\x12$.podcap.api.v1.ListInterfacesRequest\x1a%.podcap.api.v1.ListInterfacesResponse\x12H\n\nStreamPcap\x12\x1e.podcap.api.v1.AgentCaptureRef\x1a\x18.podcap.api.v1.PcapChunk0\x01\x12\x42\n\x05Probe\x12\x1b.podcap.api.v1.ProbeRequest\x1a\x1c.podcap.api.v1.ProbeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'podcap.api.v1.agent_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PCAPCHUNK']._serialized_start=137
-  _globals['_PCAPCHUNK']._serialized_end=162
-  _globals['_PODREF']._serialized_start=164
-  _globals['_PODREF']._serialized_end=218
-  _globals['_STARTCAPTUREREQUEST']._serialized_start=221
-  _globals['_STARTCAPTUREREQUEST']._serialized_end=470
-  _globals['_AGENTCAPTUREREF']._serialized_start=472
-  _globals['_AGENTCAPTUREREF']._serialized_end=509
-  _globals['_AGENTCAPTURE']._serialized_start=512
-  _globals['_AGENTCAPTURE']._serialized_end=896
-  _globals['_LISTAGENTCAPTURESREQUEST']._serialized_start=898
-  _globals['_LISTAGENTCAPTURESREQUEST']._serialized_end=924
-  _globals['_LISTAGENTCAPTURESRESPONSE']._serialized_start=926
-  _globals['_LISTAGENTCAPTURESRESPONSE']._serialized_end=1000
-  _globals['_RESOLVEPODREQUEST']._serialized_start=1002
-  _globals['_RESOLVEPODREQUEST']._serialized_end=1080
-  _globals['_LISTINTERFACESREQUEST']._serialized_start=1082
-  _globals['_LISTINTERFACESREQUEST']._serialized_end=1105
-  _globals['_INTERFACE']._serialized_start=1107
-  _globals['_INTERFACE']._serialized_end=1217
-  _globals['_LISTINTERFACESRESPONSE']._serialized_start=1219
-  _globals['_LISTINTERFACESRESPONSE']._serialized_end=1289
-  _globals['_AGENTSERVICE']._serialized_start=1292
-  _globals['_AGENTSERVICE']._serialized_end=1960
+  _globals['_PROBEREQUEST']._serialized_start=138
+  _globals['_PROBEREQUEST']._serialized_end=303
+  _globals['_PROBEADDRESS']._serialized_start=305
+  _globals['_PROBEADDRESS']._serialized_end=379
+  _globals['_PROBERESPONSE']._serialized_start=381
+  _globals['_PROBERESPONSE']._serialized_end=440
+  _globals['_PCAPCHUNK']._serialized_start=442
+  _globals['_PCAPCHUNK']._serialized_end=467
+  _globals['_PODREF']._serialized_start=469
+  _globals['_PODREF']._serialized_end=523
+  _globals['_STARTCAPTUREREQUEST']._serialized_start=526
+  _globals['_STARTCAPTUREREQUEST']._serialized_end=775
+  _globals['_AGENTCAPTUREREF']._serialized_start=777
+  _globals['_AGENTCAPTUREREF']._serialized_end=814
+  _globals['_AGENTCAPTURE']._serialized_start=817
+  _globals['_AGENTCAPTURE']._serialized_end=1249
+  _globals['_LISTAGENTCAPTURESREQUEST']._serialized_start=1251
+  _globals['_LISTAGENTCAPTURESREQUEST']._serialized_end=1277
+  _globals['_LISTAGENTCAPTURESRESPONSE']._serialized_start=1279
+  _globals['_LISTAGENTCAPTURESRESPONSE']._serialized_end=1353
+  _globals['_RESOLVEPODREQUEST']._serialized_start=1355
+  _globals['_RESOLVEPODREQUEST']._serialized_end=1433
+  _globals['_LISTINTERFACESREQUEST']._serialized_start=1435
+  _globals['_LISTINTERFACESREQUEST']._serialized_end=1458
+  _globals['_INTERFACE']._serialized_start=1460
+  _globals['_INTERFACE']._serialized_end=1570
+  _globals['_LISTINTERFACESRESPONSE']._serialized_start=1572
+  _globals['_LISTINTERFACESRESPONSE']._serialized_end=1642
+  _globals['_AGENTSERVICE']._serialized_start=1645
+  _globals['_AGENTSERVICE']._serialized_end=2381
 # @@protoc_insertion_point(module_scope)

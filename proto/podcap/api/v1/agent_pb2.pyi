@@ -22,6 +22,94 @@ else:
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
+class ProbeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POD_FIELD_NUMBER: _builtins.int
+    HOST_FIELD_NUMBER: _builtins.int
+    PORT_FIELD_NUMBER: _builtins.int
+    ALSO_FIELD_NUMBER: _builtins.int
+    TIMEOUT_FIELD_NUMBER: _builtins.int
+    host: _builtins.str
+    """A DNS name or an IP address, and a TCP port."""
+    port: _builtins.int
+    @_builtins.property
+    def pod(self) -> Global___PodRef: ...
+    @_builtins.property
+    def also(self) -> _containers.RepeatedCompositeFieldContainer[Global___ProbeAddress]:
+        """Further addresses to connect to (a Service's ClusterIP, one of its endpoints), in order."""
+
+    @_builtins.property
+    def timeout(self) -> _duration_pb2.Duration:
+        """Per step; 0 means 2 s."""
+
+    def __init__(
+        self,
+        *,
+        pod: Global___PodRef | None = ...,
+        host: _builtins.str = ...,
+        port: _builtins.int = ...,
+        also: _abc.Iterable[Global___ProbeAddress] | None = ...,
+        timeout: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["pod", b"pod", "timeout", b"timeout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["also", b"also", "host", b"host", "pod", b"pod", "port", b"port", "timeout", b"timeout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProbeRequest: _TypeAlias = ProbeRequest  # noqa: Y015
+
+@_typing.final
+class ProbeAddress(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STEP_FIELD_NUMBER: _builtins.int
+    LABEL_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    PORT_FIELD_NUMBER: _builtins.int
+    step: _builtins.str
+    """The step's name ("service", "endpoint") and what to say it is ("ClusterIP of shop/checkout")."""
+    label: _builtins.str
+    address: _builtins.str
+    port: _builtins.int
+    def __init__(
+        self,
+        *,
+        step: _builtins.str = ...,
+        label: _builtins.str = ...,
+        address: _builtins.str = ...,
+        port: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "label", b"label", "port", b"port", "step", b"step"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProbeAddress: _TypeAlias = ProbeAddress  # noqa: Y015
+
+@_typing.final
+class ProbeResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STEPS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def steps(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.DiagnoseStep]: ...
+    def __init__(
+        self,
+        *,
+        steps: _abc.Iterable[_common_pb2.DiagnoseStep] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["steps", b"steps"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProbeResponse: _TypeAlias = ProbeResponse  # noqa: Y015
+
+@_typing.final
 class PcapChunk(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -149,6 +237,7 @@ class AgentCapture(_message.Message):
     END_TIME_FIELD_NUMBER: _builtins.int
     SUMMARY_FIELD_NUMBER: _builtins.int
     INTERRUPTION_FIELD_NUMBER: _builtins.int
+    CONTEXT_FIELD_NUMBER: _builtins.int
     capture_id: _builtins.str
     state: _common_pb2.CaptureState.ValueType
     object_key: _builtins.str
@@ -168,6 +257,10 @@ class AgentCapture(_message.Message):
     def summary(self) -> _common_pb2.CaptureSummary:
         """Made once the pcap is stored; absent until then."""
 
+    @_builtins.property
+    def context(self) -> _common_pb2.NetworkContext:
+        """The network around the capture: the start record once tcpdump listens, completed at the end."""
+
     def __init__(
         self,
         *,
@@ -182,10 +275,11 @@ class AgentCapture(_message.Message):
         end_time: _timestamp_pb2.Timestamp | None = ...,
         summary: _common_pb2.CaptureSummary | None = ...,
         interruption: _builtins.str = ...,
+        context: _common_pb2.NetworkContext | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "resolution", b"resolution", "start_time", b"start_time", "stats", b"stats", "summary", b"summary"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "end_time", b"end_time", "resolution", b"resolution", "start_time", b"start_time", "stats", b"stats", "summary", b"summary"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capture_id", b"capture_id", "end_time", b"end_time", "error", b"error", "interruption", b"interruption", "object_key", b"object_key", "resolution", b"resolution", "sha256", b"sha256", "start_time", b"start_time", "state", b"state", "stats", b"stats", "summary", b"summary"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capture_id", b"capture_id", "context", b"context", "end_time", b"end_time", "error", b"error", "interruption", b"interruption", "object_key", b"object_key", "resolution", b"resolution", "sha256", b"sha256", "start_time", b"start_time", "state", b"state", "stats", b"stats", "summary", b"summary"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

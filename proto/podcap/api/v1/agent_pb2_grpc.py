@@ -75,6 +75,11 @@ class AgentServiceStub:
                 request_serializer=podcap_dot_api_dot_v1_dot_agent__pb2.AgentCaptureRef.SerializeToString,
                 response_deserializer=podcap_dot_api_dot_v1_dot_agent__pb2.PcapChunk.FromString,
                 _registered_method=True)
+        self.Probe = channel.unary_unary(
+                '/podcap.api.v1.AgentService/Probe',
+                request_serializer=podcap_dot_api_dot_v1_dot_agent__pb2.ProbeRequest.SerializeToString,
+                response_deserializer=podcap_dot_api_dot_v1_dot_agent__pb2.ProbeResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -134,6 +139,14 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Probe(self, request, context):
+        """From inside the pod's netns: resolves `host` with the pod's resolver and connects to it and to each of
+        `also`, each step timed. No tool in the pod image is needed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -176,6 +189,11 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.StreamPcap,
                     request_deserializer=podcap_dot_api_dot_v1_dot_agent__pb2.AgentCaptureRef.FromString,
                     response_serializer=podcap_dot_api_dot_v1_dot_agent__pb2.PcapChunk.SerializeToString,
+            ),
+            'Probe': grpc.unary_unary_rpc_method_handler(
+                    servicer.Probe,
+                    request_deserializer=podcap_dot_api_dot_v1_dot_agent__pb2.ProbeRequest.FromString,
+                    response_serializer=podcap_dot_api_dot_v1_dot_agent__pb2.ProbeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -394,6 +412,33 @@ class AgentService:
             '/podcap.api.v1.AgentService/StreamPcap',
             podcap_dot_api_dot_v1_dot_agent__pb2.AgentCaptureRef.SerializeToString,
             podcap_dot_api_dot_v1_dot_agent__pb2.PcapChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Probe(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/podcap.api.v1.AgentService/Probe',
+            podcap_dot_api_dot_v1_dot_agent__pb2.ProbeRequest.SerializeToString,
+            podcap_dot_api_dot_v1_dot_agent__pb2.ProbeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -47,6 +47,10 @@ class AgentServiceStub:
     """The capture's pcap as tcpdump writes it, from its file header on, read from the spool at the reader's pace;
     ends when the pcap is complete. FAILED_PRECONDITION once the spool no longer holds it.
     """
+    Probe: _grpc.UnaryUnaryMultiCallable[_agent_pb2.ProbeRequest, _agent_pb2.ProbeResponse]
+    """From inside the pod's netns: resolves `host` with the pod's resolver and connects to it and to each of
+    `also`, each step timed. No tool in the pod image is needed.
+    """
 
 @_typing.type_check_only
 class AgentServiceAsyncStub(AgentServiceStub):
@@ -65,6 +69,10 @@ class AgentServiceAsyncStub(AgentServiceStub):
     StreamPcap: _aio.UnaryStreamMultiCallable[_agent_pb2.AgentCaptureRef, _agent_pb2.PcapChunk]  # type: ignore[assignment]
     """The capture's pcap as tcpdump writes it, from its file header on, read from the spool at the reader's pace;
     ends when the pcap is complete. FAILED_PRECONDITION once the spool no longer holds it.
+    """
+    Probe: _aio.UnaryUnaryMultiCallable[_agent_pb2.ProbeRequest, _agent_pb2.ProbeResponse]  # type: ignore[assignment]
+    """From inside the pod's netns: resolves `host` with the pod's resolver and connects to it and to each of
+    `also`, each step timed. No tool in the pod image is needed.
     """
 
 class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -129,6 +137,16 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_agent_pb2.PcapChunk], _abc.AsyncIterator[_agent_pb2.PcapChunk]]:
         """The capture's pcap as tcpdump writes it, from its file header on, read from the spool at the reader's pace;
         ends when the pcap is complete. FAILED_PRECONDITION once the spool no longer holds it.
+        """
+
+    @_abc_1.abstractmethod
+    def Probe(
+        self,
+        request: _agent_pb2.ProbeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.ProbeResponse, _abc.Awaitable[_agent_pb2.ProbeResponse]]:
+        """From inside the pod's netns: resolves `host` with the pod's resolver and connects to it and to each of
+        `also`, each step timed. No tool in the pod image is needed.
         """
 
 def add_AgentServiceServicer_to_server(servicer: AgentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

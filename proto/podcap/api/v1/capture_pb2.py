@@ -27,51 +27,57 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from podcap.api.v1 import common_pb2 as podcap_dot_api_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bpodcap/api/v1/capture.proto\x12\rpodcap.api.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1apodcap/api/v1/common.proto\"\x8a\x02\n\x14\x43reateCaptureRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0b\n\x03pod\x18\x02 \x01(\t\x12\x16\n\x0elabel_selector\x18\x03 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x04 \x01(\t\x12+\n\x08\x64uration\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12,\n\x06limits\x18\x06 \x01(\x0b\x32\x1c.podcap.api.v1.CaptureLimits\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x0e\n\x06reason\x18\x08 \x01(\t\x12\x15\n\rpod_interface\x18\t \x01(\t\x12\x14\n\x0chost_network\x18\n \x01(\x08\"\x1f\n\x11GetCaptureRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x82\x02\n\x13ListCapturesRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0b\n\x03pod\x18\x02 \x01(\t\x12*\n\x05state\x18\x03 \x01(\x0e\x32\x1b.podcap.api.v1.CaptureState\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\x12\x11\n\trequester\x18\x06 \x01(\t\x12\x31\n\rcreated_after\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0e\x63reated_before\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"Y\n\x14ListCapturesResponse\x12(\n\x08\x63\x61ptures\x18\x01 \x03(\x0b\x32\x16.podcap.api.v1.Capture\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"!\n\x13WatchCaptureRequest\x12\n\n\x02id\x18\x01 \x01(\t\" \n\x12StopCaptureRequest\x12\n\n\x02id\x18\x01 \x01(\t\"3\n\x15GetDownloadUrlRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\x05\"h\n\x16GetDownloadUrlResponse\x12\x0b\n\x03url\x18\x01 \x01(\t\x12/\n\x0b\x65xpire_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x66ilename\x18\x03 \x01(\t\"4\n\x16\x44ownloadCaptureRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\x05\"\x1d\n\rDownloadChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"2\n\x14StreamPacketsRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\x05\"$\n\x0fListPodsRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\"8\n\x10ListPodsResponse\x12$\n\x04pods\x18\x01 \x03(\x0b\x32\x16.podcap.api.v1.PodInfo\"^\n\x07PodInfo\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04node\x18\x03 \x01(\t\x12\x0e\n\x06pod_ip\x18\x04 \x01(\t\x12\x14\n\x0chost_network\x18\x05 \x01(\x08\"\"\n\x14\x44\x65leteCaptureRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x17\n\x15\x44\x65leteCaptureResponse\"\xd8\x04\n\x07\x43\x61pture\x12\n\n\x02id\x18\x01 \x01(\t\x12*\n\x05state\x18\x02 \x01(\x0e\x32\x1b.podcap.api.v1.CaptureState\x12\x11\n\tnamespace\x18\x03 \x01(\t\x12\x0b\n\x03pod\x18\x04 \x01(\t\x12\x16\n\x0elabel_selector\x18\x05 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x06 \x01(\t\x12+\n\x08\x64uration\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12,\n\x06limits\x18\x08 \x01(\x0b\x32\x1c.podcap.api.v1.CaptureLimits\x12\x11\n\trequester\x18\t \x01(\t\x12\x0e\n\x06reason\x18\n \x01(\t\x12\x12\n\nrequest_id\x18\x0b \x01(\t\x12/\n\x0b\x63reate_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x65rror\x18\x0f \x01(\t\x12-\n\x07targets\x18\x10 \x03(\x0b\x32\x1c.podcap.api.v1.CaptureTarget\x12+\n\x07history\x18\x11 \x03(\x0b\x32\x1a.podcap.api.v1.StateChange\x12\x12\n\nstopped_by\x18\x12 \x01(\t\x12-\n\tstop_time\x18\x13 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x80\x01\n\x0bStateChange\x12*\n\x05state\x18\x01 \x01(\x0e\x32\x1b.podcap.api.v1.CaptureState\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0b\n\x03pod\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\"\xbe\x03\n\rCaptureTarget\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0b\n\x03pod\x18\x02 \x01(\t\x12\x0c\n\x04node\x18\x03 \x01(\t\x12\x0e\n\x06pod_ip\x18\x04 \x01(\t\x12\x11\n\tinterface\x18\x05 \x01(\t\x12*\n\x05state\x18\x06 \x01(\x0e\x32\x1b.podcap.api.v1.CaptureState\x12*\n\x05stats\x18\x07 \x01(\x0b\x32\x1b.podcap.api.v1.CaptureStats\x12\x12\n\nobject_key\x18\x08 \x01(\t\x12\x0e\n\x06sha256\x18\t \x01(\t\x12\r\n\x05\x65rror\x18\n \x01(\t\x12.\n\nstart_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\x07summary\x18\r \x01(\x0b\x32\x1d.podcap.api.v1.CaptureSummary\x12-\n\nresolution\x18\x0e \x01(\x0b\x32\x19.podcap.api.v1.Resolution\x12\x14\n\x0cinterruption\x18\x0f \x01(\t2\xcf\x06\n\x0e\x43\x61ptureService\x12L\n\rCreateCapture\x12#.podcap.api.v1.CreateCaptureRequest\x1a\x16.podcap.api.v1.Capture\x12\x46\n\nGetCapture\x12 .podcap.api.v1.GetCaptureRequest\x1a\x16.podcap.api.v1.Capture\x12W\n\x0cListCaptures\x12\".podcap.api.v1.ListCapturesRequest\x1a#.podcap.api.v1.ListCapturesResponse\x12L\n\x0cWatchCapture\x12\".podcap.api.v1.WatchCaptureRequest\x1a\x16.podcap.api.v1.Capture0\x01\x12H\n\x0bStopCapture\x12!.podcap.api.v1.StopCaptureRequest\x1a\x16.podcap.api.v1.Capture\x12]\n\x0eGetDownloadUrl\x12$.podcap.api.v1.GetDownloadUrlRequest\x1a%.podcap.api.v1.GetDownloadUrlResponse\x12X\n\x0f\x44ownloadCapture\x12%.podcap.api.v1.DownloadCaptureRequest\x1a\x1c.podcap.api.v1.DownloadChunk0\x01\x12Z\n\rDeleteCapture\x12#.podcap.api.v1.DeleteCaptureRequest\x1a$.podcap.api.v1.DeleteCaptureResponse\x12T\n\rStreamPackets\x12#.podcap.api.v1.StreamPacketsRequest\x1a\x1c.podcap.api.v1.DownloadChunk0\x01\x12K\n\x08ListPods\x12\x1e.podcap.api.v1.ListPodsRequest\x1a\x1f.podcap.api.v1.ListPodsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bpodcap/api/v1/capture.proto\x12\rpodcap.api.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1apodcap/api/v1/common.proto\"\x92\x01\n\x0f\x44iagnoseRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0b\n\x03pod\x18\x02 \x01(\t\x12\x0c\n\x04host\x18\x03 \x01(\t\x12\x0c\n\x04port\x18\x04 \x01(\x05\x12\x33\n\x10\x63\x61pture_duration\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06reason\x18\x06 \x01(\t\"R\n\x10\x44iagnoseResponse\x12*\n\x05steps\x18\x01 \x03(\x0b\x32\x1b.podcap.api.v1.DiagnoseStep\x12\x12\n\ncapture_id\x18\x02 \x01(\t\"=\n\nCaptureEnd\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0b\n\x03pod\x18\x02 \x01(\t\x12\x0f\n\x07service\x18\x03 \x01(\t\"\xb6\x02\n\x14\x43reateCaptureRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0b\n\x03pod\x18\x02 \x01(\t\x12\x16\n\x0elabel_selector\x18\x03 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x04 \x01(\t\x12+\n\x08\x64uration\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12,\n\x06limits\x18\x06 \x01(\x0b\x32\x1c.podcap.api.v1.CaptureLimits\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x0e\n\x06reason\x18\x08 \x01(\t\x12\x15\n\rpod_interface\x18\t \x01(\t\x12\x14\n\x0chost_network\x18\n \x01(\x08\x12*\n\x07\x62\x65tween\x18\x0b \x03(\x0b\x32\x19.podcap.api.v1.CaptureEnd\"\x1f\n\x11GetCaptureRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x82\x02\n\x13ListCapturesRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0b\n\x03pod\x18\x02 \x01(\t\x12*\n\x05state\x18\x03 \x01(\x0e\x32\x1b.podcap.api.v1.CaptureState\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\x12\x11\n\trequester\x18\x06 \x01(\t\x12\x31\n\rcreated_after\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0e\x63reated_before\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"Y\n\x14ListCapturesResponse\x12(\n\x08\x63\x61ptures\x18\x01 \x03(\x0b\x32\x16.podcap.api.v1.Capture\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"!\n\x13WatchCaptureRequest\x12\n\n\x02id\x18\x01 \x01(\t\" \n\x12StopCaptureRequest\x12\n\n\x02id\x18\x01 \x01(\t\"3\n\x15GetDownloadUrlRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\x05\"h\n\x16GetDownloadUrlResponse\x12\x0b\n\x03url\x18\x01 \x01(\t\x12/\n\x0b\x65xpire_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x66ilename\x18\x03 \x01(\t\"4\n\x16\x44ownloadCaptureRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\x05\"\x1d\n\rDownloadChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"2\n\x14StreamPacketsRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\x05\"$\n\x0fListPodsRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\"8\n\x10ListPodsResponse\x12$\n\x04pods\x18\x01 \x03(\x0b\x32\x16.podcap.api.v1.PodInfo\"^\n\x07PodInfo\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04node\x18\x03 \x01(\t\x12\x0e\n\x06pod_ip\x18\x04 \x01(\t\x12\x14\n\x0chost_network\x18\x05 \x01(\x08\"\"\n\x14\x44\x65leteCaptureRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x17\n\x15\x44\x65leteCaptureResponse\"\xae\x05\n\x07\x43\x61pture\x12\n\n\x02id\x18\x01 \x01(\t\x12*\n\x05state\x18\x02 \x01(\x0e\x32\x1b.podcap.api.v1.CaptureState\x12\x11\n\tnamespace\x18\x03 \x01(\t\x12\x0b\n\x03pod\x18\x04 \x01(\t\x12\x16\n\x0elabel_selector\x18\x05 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x06 \x01(\t\x12+\n\x08\x64uration\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12,\n\x06limits\x18\x08 \x01(\x0b\x32\x1c.podcap.api.v1.CaptureLimits\x12\x11\n\trequester\x18\t \x01(\t\x12\x0e\n\x06reason\x18\n \x01(\t\x12\x12\n\nrequest_id\x18\x0b \x01(\t\x12/\n\x0b\x63reate_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x65rror\x18\x0f \x01(\t\x12-\n\x07targets\x18\x10 \x03(\x0b\x32\x1c.podcap.api.v1.CaptureTarget\x12+\n\x07history\x18\x11 \x03(\x0b\x32\x1a.podcap.api.v1.StateChange\x12\x12\n\nstopped_by\x18\x12 \x01(\t\x12-\n\tstop_time\x18\x13 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x07\x62\x65tween\x18\x14 \x03(\x0b\x32\x19.podcap.api.v1.CaptureEnd\x12(\n\x08verdicts\x18\x15 \x03(\x0b\x32\x16.podcap.api.v1.Verdict\"\x80\x01\n\x0bStateChange\x12*\n\x05state\x18\x01 \x01(\x0e\x32\x1b.podcap.api.v1.CaptureState\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0b\n\x03pod\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\"\xee\x03\n\rCaptureTarget\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0b\n\x03pod\x18\x02 \x01(\t\x12\x0c\n\x04node\x18\x03 \x01(\t\x12\x0e\n\x06pod_ip\x18\x04 \x01(\t\x12\x11\n\tinterface\x18\x05 \x01(\t\x12*\n\x05state\x18\x06 \x01(\x0e\x32\x1b.podcap.api.v1.CaptureState\x12*\n\x05stats\x18\x07 \x01(\x0b\x32\x1b.podcap.api.v1.CaptureStats\x12\x12\n\nobject_key\x18\x08 \x01(\t\x12\x0e\n\x06sha256\x18\t \x01(\t\x12\r\n\x05\x65rror\x18\n \x01(\t\x12.\n\nstart_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\x07summary\x18\r \x01(\x0b\x32\x1d.podcap.api.v1.CaptureSummary\x12-\n\nresolution\x18\x0e \x01(\x0b\x32\x19.podcap.api.v1.Resolution\x12\x14\n\x0cinterruption\x18\x0f \x01(\t\x12.\n\x07\x63ontext\x18\x10 \x01(\x0b\x32\x1d.podcap.api.v1.NetworkContext2\x9c\x07\n\x0e\x43\x61ptureService\x12L\n\rCreateCapture\x12#.podcap.api.v1.CreateCaptureRequest\x1a\x16.podcap.api.v1.Capture\x12\x46\n\nGetCapture\x12 .podcap.api.v1.GetCaptureRequest\x1a\x16.podcap.api.v1.Capture\x12W\n\x0cListCaptures\x12\".podcap.api.v1.ListCapturesRequest\x1a#.podcap.api.v1.ListCapturesResponse\x12L\n\x0cWatchCapture\x12\".podcap.api.v1.WatchCaptureRequest\x1a\x16.podcap.api.v1.Capture0\x01\x12H\n\x0bStopCapture\x12!.podcap.api.v1.StopCaptureRequest\x1a\x16.podcap.api.v1.Capture\x12]\n\x0eGetDownloadUrl\x12$.podcap.api.v1.GetDownloadUrlRequest\x1a%.podcap.api.v1.GetDownloadUrlResponse\x12X\n\x0f\x44ownloadCapture\x12%.podcap.api.v1.DownloadCaptureRequest\x1a\x1c.podcap.api.v1.DownloadChunk0\x01\x12Z\n\rDeleteCapture\x12#.podcap.api.v1.DeleteCaptureRequest\x1a$.podcap.api.v1.DeleteCaptureResponse\x12T\n\rStreamPackets\x12#.podcap.api.v1.StreamPacketsRequest\x1a\x1c.podcap.api.v1.DownloadChunk0\x01\x12K\n\x08ListPods\x12\x1e.podcap.api.v1.ListPodsRequest\x1a\x1f.podcap.api.v1.ListPodsResponse\x12K\n\x08\x44iagnose\x12\x1e.podcap.api.v1.DiagnoseRequest\x1a\x1f.podcap.api.v1.DiagnoseResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'podcap.api.v1.capture_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CREATECAPTUREREQUEST']._serialized_start=140
-  _globals['_CREATECAPTUREREQUEST']._serialized_end=406
-  _globals['_GETCAPTUREREQUEST']._serialized_start=408
-  _globals['_GETCAPTUREREQUEST']._serialized_end=439
-  _globals['_LISTCAPTURESREQUEST']._serialized_start=442
-  _globals['_LISTCAPTURESREQUEST']._serialized_end=700
-  _globals['_LISTCAPTURESRESPONSE']._serialized_start=702
-  _globals['_LISTCAPTURESRESPONSE']._serialized_end=791
-  _globals['_WATCHCAPTUREREQUEST']._serialized_start=793
-  _globals['_WATCHCAPTUREREQUEST']._serialized_end=826
-  _globals['_STOPCAPTUREREQUEST']._serialized_start=828
-  _globals['_STOPCAPTUREREQUEST']._serialized_end=860
-  _globals['_GETDOWNLOADURLREQUEST']._serialized_start=862
-  _globals['_GETDOWNLOADURLREQUEST']._serialized_end=913
-  _globals['_GETDOWNLOADURLRESPONSE']._serialized_start=915
-  _globals['_GETDOWNLOADURLRESPONSE']._serialized_end=1019
-  _globals['_DOWNLOADCAPTUREREQUEST']._serialized_start=1021
-  _globals['_DOWNLOADCAPTUREREQUEST']._serialized_end=1073
-  _globals['_DOWNLOADCHUNK']._serialized_start=1075
-  _globals['_DOWNLOADCHUNK']._serialized_end=1104
-  _globals['_STREAMPACKETSREQUEST']._serialized_start=1106
-  _globals['_STREAMPACKETSREQUEST']._serialized_end=1156
-  _globals['_LISTPODSREQUEST']._serialized_start=1158
-  _globals['_LISTPODSREQUEST']._serialized_end=1194
-  _globals['_LISTPODSRESPONSE']._serialized_start=1196
-  _globals['_LISTPODSRESPONSE']._serialized_end=1252
-  _globals['_PODINFO']._serialized_start=1254
-  _globals['_PODINFO']._serialized_end=1348
-  _globals['_DELETECAPTUREREQUEST']._serialized_start=1350
-  _globals['_DELETECAPTUREREQUEST']._serialized_end=1384
-  _globals['_DELETECAPTURERESPONSE']._serialized_start=1386
-  _globals['_DELETECAPTURERESPONSE']._serialized_end=1409
-  _globals['_CAPTURE']._serialized_start=1412
-  _globals['_CAPTURE']._serialized_end=2012
-  _globals['_STATECHANGE']._serialized_start=2015
-  _globals['_STATECHANGE']._serialized_end=2143
-  _globals['_CAPTURETARGET']._serialized_start=2146
-  _globals['_CAPTURETARGET']._serialized_end=2592
-  _globals['_CAPTURESERVICE']._serialized_start=2595
-  _globals['_CAPTURESERVICE']._serialized_end=3442
+  _globals['_DIAGNOSEREQUEST']._serialized_start=140
+  _globals['_DIAGNOSEREQUEST']._serialized_end=286
+  _globals['_DIAGNOSERESPONSE']._serialized_start=288
+  _globals['_DIAGNOSERESPONSE']._serialized_end=370
+  _globals['_CAPTUREEND']._serialized_start=372
+  _globals['_CAPTUREEND']._serialized_end=433
+  _globals['_CREATECAPTUREREQUEST']._serialized_start=436
+  _globals['_CREATECAPTUREREQUEST']._serialized_end=746
+  _globals['_GETCAPTUREREQUEST']._serialized_start=748
+  _globals['_GETCAPTUREREQUEST']._serialized_end=779
+  _globals['_LISTCAPTURESREQUEST']._serialized_start=782
+  _globals['_LISTCAPTURESREQUEST']._serialized_end=1040
+  _globals['_LISTCAPTURESRESPONSE']._serialized_start=1042
+  _globals['_LISTCAPTURESRESPONSE']._serialized_end=1131
+  _globals['_WATCHCAPTUREREQUEST']._serialized_start=1133
+  _globals['_WATCHCAPTUREREQUEST']._serialized_end=1166
+  _globals['_STOPCAPTUREREQUEST']._serialized_start=1168
+  _globals['_STOPCAPTUREREQUEST']._serialized_end=1200
+  _globals['_GETDOWNLOADURLREQUEST']._serialized_start=1202
+  _globals['_GETDOWNLOADURLREQUEST']._serialized_end=1253
+  _globals['_GETDOWNLOADURLRESPONSE']._serialized_start=1255
+  _globals['_GETDOWNLOADURLRESPONSE']._serialized_end=1359
+  _globals['_DOWNLOADCAPTUREREQUEST']._serialized_start=1361
+  _globals['_DOWNLOADCAPTUREREQUEST']._serialized_end=1413
+  _globals['_DOWNLOADCHUNK']._serialized_start=1415
+  _globals['_DOWNLOADCHUNK']._serialized_end=1444
+  _globals['_STREAMPACKETSREQUEST']._serialized_start=1446
+  _globals['_STREAMPACKETSREQUEST']._serialized_end=1496
+  _globals['_LISTPODSREQUEST']._serialized_start=1498
+  _globals['_LISTPODSREQUEST']._serialized_end=1534
+  _globals['_LISTPODSRESPONSE']._serialized_start=1536
+  _globals['_LISTPODSRESPONSE']._serialized_end=1592
+  _globals['_PODINFO']._serialized_start=1594
+  _globals['_PODINFO']._serialized_end=1688
+  _globals['_DELETECAPTUREREQUEST']._serialized_start=1690
+  _globals['_DELETECAPTUREREQUEST']._serialized_end=1724
+  _globals['_DELETECAPTURERESPONSE']._serialized_start=1726
+  _globals['_DELETECAPTURERESPONSE']._serialized_end=1749
+  _globals['_CAPTURE']._serialized_start=1752
+  _globals['_CAPTURE']._serialized_end=2438
+  _globals['_STATECHANGE']._serialized_start=2441
+  _globals['_STATECHANGE']._serialized_end=2569
+  _globals['_CAPTURETARGET']._serialized_start=2572
+  _globals['_CAPTURETARGET']._serialized_end=3066
+  _globals['_CAPTURESERVICE']._serialized_start=3069
+  _globals['_CAPTURESERVICE']._serialized_end=3993
 # @@protoc_insertion_point(module_scope)

@@ -22,6 +22,96 @@ else:
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
+class DiagnoseRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAMESPACE_FIELD_NUMBER: _builtins.int
+    POD_FIELD_NUMBER: _builtins.int
+    HOST_FIELD_NUMBER: _builtins.int
+    PORT_FIELD_NUMBER: _builtins.int
+    CAPTURE_DURATION_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    namespace: _builtins.str
+    pod: _builtins.str
+    host: _builtins.str
+    """A DNS name (a Service's short or full name, or any host) or an IP address, and a TCP port."""
+    port: _builtins.int
+    reason: _builtins.str
+    @_builtins.property
+    def capture_duration(self) -> _duration_pb2.Duration:
+        """How long the capture on the pod runs; 0 means 5 s."""
+
+    def __init__(
+        self,
+        *,
+        namespace: _builtins.str = ...,
+        pod: _builtins.str = ...,
+        host: _builtins.str = ...,
+        port: _builtins.int = ...,
+        capture_duration: _duration_pb2.Duration | None = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["capture_duration", b"capture_duration"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capture_duration", b"capture_duration", "host", b"host", "namespace", b"namespace", "pod", b"pod", "port", b"port", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DiagnoseRequest: _TypeAlias = DiagnoseRequest  # noqa: Y015
+
+@_typing.final
+class DiagnoseResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STEPS_FIELD_NUMBER: _builtins.int
+    CAPTURE_ID_FIELD_NUMBER: _builtins.int
+    capture_id: _builtins.str
+    """The capture that ran on the pod meanwhile (filtered to the addresses probed)."""
+    @_builtins.property
+    def steps(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.DiagnoseStep]: ...
+    def __init__(
+        self,
+        *,
+        steps: _abc.Iterable[_common_pb2.DiagnoseStep] | None = ...,
+        capture_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capture_id", b"capture_id", "steps", b"steps"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DiagnoseResponse: _TypeAlias = DiagnoseResponse  # noqa: Y015
+
+@_typing.final
+class CaptureEnd(_message.Message):
+    """One end of a `between` capture: a pod, or every ready endpoint of a Service."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAMESPACE_FIELD_NUMBER: _builtins.int
+    POD_FIELD_NUMBER: _builtins.int
+    SERVICE_FIELD_NUMBER: _builtins.int
+    namespace: _builtins.str
+    pod: _builtins.str
+    """Exactly one of pod and service."""
+    service: _builtins.str
+    def __init__(
+        self,
+        *,
+        namespace: _builtins.str = ...,
+        pod: _builtins.str = ...,
+        service: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["namespace", b"namespace", "pod", b"pod", "service", b"service"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CaptureEnd: _TypeAlias = CaptureEnd  # noqa: Y015
+
+@_typing.final
 class CreateCaptureRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -35,6 +125,7 @@ class CreateCaptureRequest(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     POD_INTERFACE_FIELD_NUMBER: _builtins.int
     HOST_NETWORK_FIELD_NUMBER: _builtins.int
+    BETWEEN_FIELD_NUMBER: _builtins.int
     namespace: _builtins.str
     """Namespace of the pod(s), DNS-1123 label."""
     pod: _builtins.str
@@ -59,6 +150,12 @@ class CreateCaptureRequest(_message.Message):
 
     @_builtins.property
     def limits(self) -> _common_pb2.CaptureLimits: ...
+    @_builtins.property
+    def between(self) -> _containers.RepeatedCompositeFieldContainer[Global___CaptureEnd]:
+        """Both (or more) ends of a conversation at once, on whatever nodes they run, with one filter: instead of
+        `pod` and `label_selector`. `namespace` is then the first end's.
+        """
+
     def __init__(
         self,
         *,
@@ -72,10 +169,11 @@ class CreateCaptureRequest(_message.Message):
         reason: _builtins.str = ...,
         pod_interface: _builtins.str = ...,
         host_network: _builtins.bool = ...,
+        between: _abc.Iterable[Global___CaptureEnd] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "limits", b"limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "filter", b"filter", "host_network", b"host_network", "label_selector", b"label_selector", "limits", b"limits", "namespace", b"namespace", "pod", b"pod", "pod_interface", b"pod_interface", "reason", b"reason", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["between", b"between", "duration", b"duration", "filter", b"filter", "host_network", b"host_network", "label_selector", b"label_selector", "limits", b"limits", "namespace", b"namespace", "pod", b"pod", "pod_interface", b"pod_interface", "reason", b"reason", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -454,6 +552,8 @@ class Capture(_message.Message):
     HISTORY_FIELD_NUMBER: _builtins.int
     STOPPED_BY_FIELD_NUMBER: _builtins.int
     STOP_TIME_FIELD_NUMBER: _builtins.int
+    BETWEEN_FIELD_NUMBER: _builtins.int
+    VERDICTS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     state: _common_pb2.CaptureState.ValueType
     namespace: _builtins.str
@@ -485,6 +585,14 @@ class Capture(_message.Message):
 
     @_builtins.property
     def stop_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def between(self) -> _containers.RepeatedCompositeFieldContainer[Global___CaptureEnd]:
+        """The ends asked for, for a `between` capture."""
+
+    @_builtins.property
+    def verdicts(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Verdict]:
+        """Where each TCP attempt and DNS query died, from every target's summary; made once they are all summarised."""
+
     def __init__(
         self,
         *,
@@ -507,10 +615,12 @@ class Capture(_message.Message):
         history: _abc.Iterable[Global___StateChange] | None = ...,
         stopped_by: _builtins.str = ...,
         stop_time: _timestamp_pb2.Timestamp | None = ...,
+        between: _abc.Iterable[Global___CaptureEnd] | None = ...,
+        verdicts: _abc.Iterable[_common_pb2.Verdict] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "duration", b"duration", "end_time", b"end_time", "limits", b"limits", "start_time", b"start_time", "stop_time", b"stop_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "duration", b"duration", "end_time", b"end_time", "error", b"error", "filter", b"filter", "history", b"history", "id", b"id", "label_selector", b"label_selector", "limits", b"limits", "namespace", b"namespace", "pod", b"pod", "reason", b"reason", "request_id", b"request_id", "requester", b"requester", "start_time", b"start_time", "state", b"state", "stop_time", b"stop_time", "stopped_by", b"stopped_by", "targets", b"targets"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["between", b"between", "create_time", b"create_time", "duration", b"duration", "end_time", b"end_time", "error", b"error", "filter", b"filter", "history", b"history", "id", b"id", "label_selector", b"label_selector", "limits", b"limits", "namespace", b"namespace", "pod", b"pod", "reason", b"reason", "request_id", b"request_id", "requester", b"requester", "start_time", b"start_time", "state", b"state", "stop_time", b"stop_time", "stopped_by", b"stopped_by", "targets", b"targets", "verdicts", b"verdicts"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -569,6 +679,7 @@ class CaptureTarget(_message.Message):
     SUMMARY_FIELD_NUMBER: _builtins.int
     RESOLUTION_FIELD_NUMBER: _builtins.int
     INTERRUPTION_FIELD_NUMBER: _builtins.int
+    CONTEXT_FIELD_NUMBER: _builtins.int
     namespace: _builtins.str
     pod: _builtins.str
     node: _builtins.str
@@ -598,6 +709,10 @@ class CaptureTarget(_message.Message):
     def resolution(self) -> _common_pb2.Resolution:
         """How the agent tied the pod to `interface`: why podcap captured on that device."""
 
+    @_builtins.property
+    def context(self) -> _common_pb2.NetworkContext:
+        """The network around the capture on this pod's node."""
+
     def __init__(
         self,
         *,
@@ -616,10 +731,11 @@ class CaptureTarget(_message.Message):
         summary: _common_pb2.CaptureSummary | None = ...,
         resolution: _common_pb2.Resolution | None = ...,
         interruption: _builtins.str = ...,
+        context: _common_pb2.NetworkContext | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "resolution", b"resolution", "start_time", b"start_time", "stats", b"stats", "summary", b"summary"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "end_time", b"end_time", "resolution", b"resolution", "start_time", b"start_time", "stats", b"stats", "summary", b"summary"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "error", b"error", "interface", b"interface", "interruption", b"interruption", "namespace", b"namespace", "node", b"node", "object_key", b"object_key", "pod", b"pod", "pod_ip", b"pod_ip", "resolution", b"resolution", "sha256", b"sha256", "start_time", b"start_time", "state", b"state", "stats", b"stats", "summary", b"summary"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "end_time", b"end_time", "error", b"error", "interface", b"interface", "interruption", b"interruption", "namespace", b"namespace", "node", b"node", "object_key", b"object_key", "pod", b"pod", "pod_ip", b"pod_ip", "resolution", b"resolution", "sha256", b"sha256", "start_time", b"start_time", "state", b"state", "stats", b"stats", "summary", b"summary"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -86,6 +86,11 @@ class CaptureServiceStub:
                 request_serializer=podcap_dot_api_dot_v1_dot_capture__pb2.ListPodsRequest.SerializeToString,
                 response_deserializer=podcap_dot_api_dot_v1_dot_capture__pb2.ListPodsResponse.FromString,
                 _registered_method=True)
+        self.Diagnose = channel.unary_unary(
+                '/podcap.api.v1.CaptureService/Diagnose',
+                request_serializer=podcap_dot_api_dot_v1_dot_capture__pb2.DiagnoseRequest.SerializeToString,
+                response_deserializer=podcap_dot_api_dot_v1_dot_capture__pb2.DiagnoseResponse.FromString,
+                _registered_method=True)
 
 
 class CaptureServiceServicer:
@@ -164,6 +169,15 @@ class CaptureServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Diagnose(self, request, context):
+        """The ladder an engineer climbs by hand, from inside the pod's netns on its node: the pod's resolver, DNS,
+        a TCP connect, and for a Service its ClusterIP and one endpoint directly; while a short capture runs on the
+        pod. Authorised and audited as a capture.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CaptureServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -216,6 +230,11 @@ def add_CaptureServiceServicer_to_server(servicer, server):
                     servicer.ListPods,
                     request_deserializer=podcap_dot_api_dot_v1_dot_capture__pb2.ListPodsRequest.FromString,
                     response_serializer=podcap_dot_api_dot_v1_dot_capture__pb2.ListPodsResponse.SerializeToString,
+            ),
+            'Diagnose': grpc.unary_unary_rpc_method_handler(
+                    servicer.Diagnose,
+                    request_deserializer=podcap_dot_api_dot_v1_dot_capture__pb2.DiagnoseRequest.FromString,
+                    response_serializer=podcap_dot_api_dot_v1_dot_capture__pb2.DiagnoseResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -490,6 +509,33 @@ class CaptureService:
             '/podcap.api.v1.CaptureService/ListPods',
             podcap_dot_api_dot_v1_dot_capture__pb2.ListPodsRequest.SerializeToString,
             podcap_dot_api_dot_v1_dot_capture__pb2.ListPodsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Diagnose(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/podcap.api.v1.CaptureService/Diagnose',
+            podcap_dot_api_dot_v1_dot_capture__pb2.DiagnoseRequest.SerializeToString,
+            podcap_dot_api_dot_v1_dot_capture__pb2.DiagnoseResponse.FromString,
             options,
             channel_credentials,
             insecure,

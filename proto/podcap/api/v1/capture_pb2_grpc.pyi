@@ -58,6 +58,11 @@ class CaptureServiceStub:
     """
     ListPods: _grpc.UnaryUnaryMultiCallable[_capture_pb2.ListPodsRequest, _capture_pb2.ListPodsResponse]
     """The running pods the caller may capture (every namespace it may capture in, or one)."""
+    Diagnose: _grpc.UnaryUnaryMultiCallable[_capture_pb2.DiagnoseRequest, _capture_pb2.DiagnoseResponse]
+    """The ladder an engineer climbs by hand, from inside the pod's netns on its node: the pod's resolver, DNS,
+    a TCP connect, and for a Service its ClusterIP and one endpoint directly; while a short capture runs on the
+    pod. Authorised and audited as a capture.
+    """
 
 @_typing.type_check_only
 class CaptureServiceAsyncStub(CaptureServiceStub):
@@ -89,6 +94,11 @@ class CaptureServiceAsyncStub(CaptureServiceStub):
     """
     ListPods: _aio.UnaryUnaryMultiCallable[_capture_pb2.ListPodsRequest, _capture_pb2.ListPodsResponse]  # type: ignore[assignment]
     """The running pods the caller may capture (every namespace it may capture in, or one)."""
+    Diagnose: _aio.UnaryUnaryMultiCallable[_capture_pb2.DiagnoseRequest, _capture_pb2.DiagnoseResponse]  # type: ignore[assignment]
+    """The ladder an engineer climbs by hand, from inside the pod's netns on its node: the pod's resolver, DNS,
+    a TCP connect, and for a Service its ClusterIP and one endpoint directly; while a short capture runs on the
+    pod. Authorised and audited as a capture.
+    """
 
 class CaptureServiceServicer(metaclass=_abc_1.ABCMeta):
     """CaptureService runs on the controller. Errors follow DESIGN.md: INVALID_ARGUMENT for bad input, NOT_FOUND for an
@@ -177,5 +187,16 @@ class CaptureServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_capture_pb2.ListPodsResponse, _abc.Awaitable[_capture_pb2.ListPodsResponse]]:
         """The running pods the caller may capture (every namespace it may capture in, or one)."""
+
+    @_abc_1.abstractmethod
+    def Diagnose(
+        self,
+        request: _capture_pb2.DiagnoseRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_capture_pb2.DiagnoseResponse, _abc.Awaitable[_capture_pb2.DiagnoseResponse]]:
+        """The ladder an engineer climbs by hand, from inside the pod's netns on its node: the pod's resolver, DNS,
+        a TCP connect, and for a Service its ClusterIP and one endpoint directly; while a short capture runs on the
+        pod. Authorised and audited as a capture.
+        """
 
 def add_CaptureServiceServicer_to_server(servicer: CaptureServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -163,6 +163,9 @@ class CaptureSummary(_message.Message):
     DNS_ERRORS_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
+    TCP_ATTEMPTS_FIELD_NUMBER: _builtins.int
+    DNS_QUERIES_FIELD_NUMBER: _builtins.int
+    EXCHANGES_TRUNCATED_FIELD_NUMBER: _builtins.int
     packets: _builtins.int
     bytes: _builtins.int
     tcp_resets: _builtins.int
@@ -175,6 +178,8 @@ class CaptureSummary(_message.Message):
     """The summary is made after the pcap is stored and never holds it back: a COMPLETED capture is downloadable
     while its summary is still PENDING.
     """
+    exchanges_truncated: _builtins.bool
+    """More attempts or queries were seen than were kept."""
     @_builtins.property
     def first_packet_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -187,6 +192,14 @@ class CaptureSummary(_message.Message):
     def conversations(self) -> _containers.RepeatedCompositeFieldContainer[Global___Conversation]:
         """The busiest conversations (TCP and UDP), most bytes first."""
 
+    @_builtins.property
+    def tcp_attempts(self) -> _containers.RepeatedCompositeFieldContainer[Global___TcpAttempt]:
+        """Every TCP connection attempt (a SYN) and every DNS query in the pcap, as this end saw them, earliest first,
+        at most 1000 of each: what the capture's verdicts are made from.
+        """
+
+    @_builtins.property
+    def dns_queries(self) -> _containers.RepeatedCompositeFieldContainer[Global___DnsQuery]: ...
     def __init__(
         self,
         *,
@@ -201,14 +214,402 @@ class CaptureSummary(_message.Message):
         dns_errors: _builtins.int = ...,
         error: _builtins.str = ...,
         state: Global___SummaryState.ValueType = ...,
+        tcp_attempts: _abc.Iterable[Global___TcpAttempt] | None = ...,
+        dns_queries: _abc.Iterable[Global___DnsQuery] | None = ...,
+        exchanges_truncated: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["first_packet_time", b"first_packet_time", "last_packet_time", b"last_packet_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "conversations", b"conversations", "dns_errors", b"dns_errors", "error", b"error", "first_packet_time", b"first_packet_time", "last_packet_time", b"last_packet_time", "packets", b"packets", "protocols", b"protocols", "state", b"state", "tcp_resets", b"tcp_resets", "tcp_retransmissions", b"tcp_retransmissions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "conversations", b"conversations", "dns_errors", b"dns_errors", "dns_queries", b"dns_queries", "error", b"error", "exchanges_truncated", b"exchanges_truncated", "first_packet_time", b"first_packet_time", "last_packet_time", b"last_packet_time", "packets", b"packets", "protocols", b"protocols", "state", b"state", "tcp_attempts", b"tcp_attempts", "tcp_resets", b"tcp_resets", "tcp_retransmissions", b"tcp_retransmissions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CaptureSummary: _TypeAlias = CaptureSummary  # noqa: Y015
+
+@_typing.final
+class TcpAttempt(_message.Message):
+    """One TCP connection attempt as one end saw it, keyed by the client's address and port (kept through a
+    Service's DNAT, so both ends of a conversation name the same attempt).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CLIENT_FIELD_NUMBER: _builtins.int
+    SERVER_FIELD_NUMBER: _builtins.int
+    FIRST_SYN_TIME_FIELD_NUMBER: _builtins.int
+    SYNS_FIELD_NUMBER: _builtins.int
+    SYN_ACKS_FIELD_NUMBER: _builtins.int
+    SERVER_RESET_FIELD_NUMBER: _builtins.int
+    CLIENT_RESET_FIELD_NUMBER: _builtins.int
+    ESTABLISHED_FIELD_NUMBER: _builtins.int
+    RETRANSMISSIONS_FIELD_NUMBER: _builtins.int
+    client: _builtins.str
+    """"10.0.1.5:40312" (IPv6 as "[fd00::5]:40312")."""
+    server: _builtins.str
+    """Where the SYN was sent, as seen here: a ClusterIP at the client's end, the endpoint's IP at the server's."""
+    syns: _builtins.int
+    """SYNs seen (1 + retries)."""
+    syn_acks: _builtins.int
+    """SYN+ACKs seen from the server."""
+    server_reset: _builtins.bool
+    """The server reset the attempt (RST in answer to the SYN, or later)."""
+    client_reset: _builtins.bool
+    established: _builtins.bool
+    """The client's ACK of the SYN+ACK, or data, was seen: the handshake completed here."""
+    retransmissions: _builtins.int
+    """Retransmitted segments of this connection after the handshake."""
+    @_builtins.property
+    def first_syn_time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        client: _builtins.str = ...,
+        server: _builtins.str = ...,
+        first_syn_time: _timestamp_pb2.Timestamp | None = ...,
+        syns: _builtins.int = ...,
+        syn_acks: _builtins.int = ...,
+        server_reset: _builtins.bool = ...,
+        client_reset: _builtins.bool = ...,
+        established: _builtins.bool = ...,
+        retransmissions: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["first_syn_time", b"first_syn_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client", b"client", "client_reset", b"client_reset", "established", b"established", "first_syn_time", b"first_syn_time", "retransmissions", b"retransmissions", "server", b"server", "server_reset", b"server_reset", "syn_acks", b"syn_acks", "syns", b"syns"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TcpAttempt: _TypeAlias = TcpAttempt  # noqa: Y015
+
+@_typing.final
+class DnsQuery(_message.Message):
+    """One DNS query (by client, server, id and name) as one end saw it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CLIENT_FIELD_NUMBER: _builtins.int
+    SERVER_FIELD_NUMBER: _builtins.int
+    ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    TYPE_FIELD_NUMBER: _builtins.int
+    FIRST_QUERY_TIME_FIELD_NUMBER: _builtins.int
+    QUERIES_FIELD_NUMBER: _builtins.int
+    ANSWERED_FIELD_NUMBER: _builtins.int
+    RCODE_FIELD_NUMBER: _builtins.int
+    client: _builtins.str
+    server: _builtins.str
+    id: _builtins.int
+    name: _builtins.str
+    """The name asked for and the record type ("A", "AAAA", ...)."""
+    type: _builtins.str
+    queries: _builtins.int
+    """Queries seen (1 + retries with the same id)."""
+    answered: _builtins.bool
+    rcode: _builtins.str
+    """The answer's rcode name ("NOERROR", "NXDOMAIN", "SERVFAIL", ...); empty when unanswered."""
+    @_builtins.property
+    def first_query_time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        client: _builtins.str = ...,
+        server: _builtins.str = ...,
+        id: _builtins.int = ...,
+        name: _builtins.str = ...,
+        type: _builtins.str = ...,
+        first_query_time: _timestamp_pb2.Timestamp | None = ...,
+        queries: _builtins.int = ...,
+        answered: _builtins.bool = ...,
+        rcode: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["first_query_time", b"first_query_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answered", b"answered", "client", b"client", "first_query_time", b"first_query_time", "id", b"id", "name", b"name", "queries", b"queries", "rcode", b"rcode", "server", b"server", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DnsQuery: _TypeAlias = DnsQuery  # noqa: Y015
+
+@_typing.final
+class Verdict(_message.Message):
+    """Where one TCP connection attempt or DNS query died, told from every end of the capture that saw it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROTOCOL_FIELD_NUMBER: _builtins.int
+    SUBJECT_FIELD_NUMBER: _builtins.int
+    OK_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    VERDICT_FIELD_NUMBER: _builtins.int
+    EVIDENCE_FIELD_NUMBER: _builtins.int
+    protocol: _builtins.str
+    """"tcp" or "dns"."""
+    subject: _builtins.str
+    """What it was: "10.0.1.5:40312 -> 10.96.0.20:80", "A checkout.shop.svc.cluster.local from 10.0.1.5:5353"."""
+    ok: _builtins.bool
+    """It worked (connected, answered)."""
+    code: _builtins.str
+    """Stable code: connected, syn_not_received, server_reset, server_silent, reply_lost, syn_unanswered,
+    client_reset, retransmissions, answered, dns_error, query_not_received, no_dns_answer, dns_answer_lost.
+    """
+    verdict: _builtins.str
+    """For a person: "the server never received the SYN"."""
+    @_builtins.property
+    def evidence(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """What each end saw: "shop/client@node-1: 3 SYNs, no answer; shop/server@node-2: nothing"."""
+
+    def __init__(
+        self,
+        *,
+        protocol: _builtins.str = ...,
+        subject: _builtins.str = ...,
+        ok: _builtins.bool = ...,
+        code: _builtins.str = ...,
+        verdict: _builtins.str = ...,
+        evidence: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "evidence", b"evidence", "ok", b"ok", "protocol", b"protocol", "subject", b"subject", "verdict", b"verdict"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Verdict: _TypeAlias = Verdict  # noqa: Y015
+
+@_typing.final
+class NetworkContext(_message.Message):
+    """The network around a capture on its node, recorded when it started and when it ended. Never fails a capture:
+    a source that could not be read says why in `sources`.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OBJECT_KEY_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    POD_ADDRESSES_FIELD_NUMBER: _builtins.int
+    POD_ROUTES_FIELD_NUMBER: _builtins.int
+    POD_NEIGHBOURS_FIELD_NUMBER: _builtins.int
+    POD_DEVICE_START_FIELD_NUMBER: _builtins.int
+    POD_DEVICE_END_FIELD_NUMBER: _builtins.int
+    HOST_DEVICE_START_FIELD_NUMBER: _builtins.int
+    HOST_DEVICE_END_FIELD_NUMBER: _builtins.int
+    CONNTRACK_FIELD_NUMBER: _builtins.int
+    NAT_RULES_FIELD_NUMBER: _builtins.int
+    IPVS_FIELD_NUMBER: _builtins.int
+    SOURCES_FIELD_NUMBER: _builtins.int
+    WARNINGS_FIELD_NUMBER: _builtins.int
+    object_key: _builtins.str
+    """The whole record (context.json), stored next to the pcap; this message is its digest."""
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def pod_addresses(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Inside the pod's netns: "eth0 10.0.1.5/24", "default via 169.254.1.1 dev eth0",
+        "169.254.1.1 dev eth0 lladdr ee:ee:ee:ee:ee:ee PERMANENT".
+        """
+
+    @_builtins.property
+    def pod_routes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def pod_neighbours(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def pod_device_start(self) -> Global___DeviceCounters:
+        """The pod's interface and the host-side device tcpdump listened on, at start and at end."""
+
+    @_builtins.property
+    def pod_device_end(self) -> Global___DeviceCounters: ...
+    @_builtins.property
+    def host_device_start(self) -> Global___DeviceCounters: ...
+    @_builtins.property
+    def host_device_end(self) -> Global___DeviceCounters: ...
+    @_builtins.property
+    def conntrack(self) -> Global___Conntrack:
+        """The node's conntrack table (at end)."""
+
+    @_builtins.property
+    def nat_rules(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """iptables NAT rules that mention a pod IP (kube-proxy's KUBE-SERVICES / KUBE-SEP chains), as iptables-save
+        prints them.
+        """
+
+    @_builtins.property
+    def ipvs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """IPVS services and destinations that mention a pod IP (ipvsadm -Ln), where IPVS exists."""
+
+    @_builtins.property
+    def sources(self) -> _containers.RepeatedCompositeFieldContainer[Global___ContextSource]:
+        """Every source: read, or why not (tool missing, module not loaded, permission)."""
+
+    @_builtins.property
+    def warnings(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Lines for a person about what stands out: "conntrack table 97% full", "host device dropped 12 packets"."""
+
+    def __init__(
+        self,
+        *,
+        object_key: _builtins.str = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+        pod_addresses: _abc.Iterable[_builtins.str] | None = ...,
+        pod_routes: _abc.Iterable[_builtins.str] | None = ...,
+        pod_neighbours: _abc.Iterable[_builtins.str] | None = ...,
+        pod_device_start: Global___DeviceCounters | None = ...,
+        pod_device_end: Global___DeviceCounters | None = ...,
+        host_device_start: Global___DeviceCounters | None = ...,
+        host_device_end: Global___DeviceCounters | None = ...,
+        conntrack: Global___Conntrack | None = ...,
+        nat_rules: _abc.Iterable[_builtins.str] | None = ...,
+        ipvs: _abc.Iterable[_builtins.str] | None = ...,
+        sources: _abc.Iterable[Global___ContextSource] | None = ...,
+        warnings: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["conntrack", b"conntrack", "end_time", b"end_time", "host_device_end", b"host_device_end", "host_device_start", b"host_device_start", "pod_device_end", b"pod_device_end", "pod_device_start", b"pod_device_start", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conntrack", b"conntrack", "end_time", b"end_time", "host_device_end", b"host_device_end", "host_device_start", b"host_device_start", "ipvs", b"ipvs", "nat_rules", b"nat_rules", "object_key", b"object_key", "pod_addresses", b"pod_addresses", "pod_device_end", b"pod_device_end", "pod_device_start", b"pod_device_start", "pod_neighbours", b"pod_neighbours", "pod_routes", b"pod_routes", "sources", b"sources", "start_time", b"start_time", "warnings", b"warnings"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NetworkContext: _TypeAlias = NetworkContext  # noqa: Y015
+
+@_typing.final
+class DeviceCounters(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_FIELD_NUMBER: _builtins.int
+    RX_PACKETS_FIELD_NUMBER: _builtins.int
+    TX_PACKETS_FIELD_NUMBER: _builtins.int
+    RX_BYTES_FIELD_NUMBER: _builtins.int
+    TX_BYTES_FIELD_NUMBER: _builtins.int
+    RX_ERRORS_FIELD_NUMBER: _builtins.int
+    TX_ERRORS_FIELD_NUMBER: _builtins.int
+    RX_DROPPED_FIELD_NUMBER: _builtins.int
+    TX_DROPPED_FIELD_NUMBER: _builtins.int
+    device: _builtins.str
+    rx_packets: _builtins.int
+    tx_packets: _builtins.int
+    rx_bytes: _builtins.int
+    tx_bytes: _builtins.int
+    rx_errors: _builtins.int
+    tx_errors: _builtins.int
+    rx_dropped: _builtins.int
+    tx_dropped: _builtins.int
+    def __init__(
+        self,
+        *,
+        device: _builtins.str = ...,
+        rx_packets: _builtins.int = ...,
+        tx_packets: _builtins.int = ...,
+        rx_bytes: _builtins.int = ...,
+        tx_bytes: _builtins.int = ...,
+        rx_errors: _builtins.int = ...,
+        tx_errors: _builtins.int = ...,
+        rx_dropped: _builtins.int = ...,
+        tx_dropped: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "rx_bytes", b"rx_bytes", "rx_dropped", b"rx_dropped", "rx_errors", b"rx_errors", "rx_packets", b"rx_packets", "tx_bytes", b"tx_bytes", "tx_dropped", b"tx_dropped", "tx_errors", b"tx_errors", "tx_packets", b"tx_packets"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeviceCounters: _TypeAlias = DeviceCounters  # noqa: Y015
+
+@_typing.final
+class Conntrack(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COUNT_FIELD_NUMBER: _builtins.int
+    MAX_FIELD_NUMBER: _builtins.int
+    NEARLY_FULL_FIELD_NUMBER: _builtins.int
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    POD_ENTRIES_FIELD_NUMBER: _builtins.int
+    count: _builtins.int
+    """nf_conntrack_count / nf_conntrack_max of the node's netns; nearly_full above 90%."""
+    max: _builtins.int
+    nearly_full: _builtins.bool
+    pod_entries: _builtins.int
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Entries that involve a pod IP (at most 100 kept here, all in context.json), as conntrack -L prints them."""
+
+    def __init__(
+        self,
+        *,
+        count: _builtins.int = ...,
+        max: _builtins.int = ...,
+        nearly_full: _builtins.bool = ...,
+        entries: _abc.Iterable[_builtins.str] | None = ...,
+        pod_entries: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "entries", b"entries", "max", b"max", "nearly_full", b"nearly_full", "pod_entries", b"pod_entries"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Conntrack: _TypeAlias = Conntrack  # noqa: Y015
+
+@_typing.final
+class ContextSource(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    OK_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """"addresses", "routes", "neighbours", "pod_device", "host_device", "conntrack", "iptables", "ipvs"."""
+    ok: _builtins.bool
+    detail: _builtins.str
+    """Why not, when not ok: "conntrack: tool not found", "IPVS not loaded (/proc/net/ip_vs missing)"."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        ok: _builtins.bool = ...,
+        detail: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "name", b"name", "ok", b"ok"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ContextSource: _TypeAlias = ContextSource  # noqa: Y015
+
+@_typing.final
+class DiagnoseStep(_message.Message):
+    """One rung of `podcap diagnose`'s ladder."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    OK_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    MILLISECONDS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """"resolver", "dns", "connect", "service", "endpoint"."""
+    ok: _builtins.bool
+    detail: _builtins.str
+    """For a person: "checkout.shop.svc.cluster.local -> 10.96.0.20 via 10.96.0.10:53", "connected to 10.96.0.20:80"."""
+    milliseconds: _builtins.int
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        ok: _builtins.bool = ...,
+        detail: _builtins.str = ...,
+        milliseconds: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "milliseconds", b"milliseconds", "name", b"name", "ok", b"ok"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DiagnoseStep: _TypeAlias = DiagnoseStep  # noqa: Y015
 
 @_typing.final
 class ProtocolCount(_message.Message):
