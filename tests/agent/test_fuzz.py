@@ -29,6 +29,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from podcap.api.v1 import agent_pb2, common_pb2
+from podcap.storage import context_key
 from tests.support.agents import NodeAgent, tcpdumps_writing_into
 from tests.support.fuzz import (
     EXAMPLES,
@@ -394,7 +395,10 @@ def _finish_accepted(
     stored = agent.store / request.object_key
     assert stored.resolve().is_relative_to(agent.store.resolve()) and stored.is_file()
     assert hashlib.sha256(stored.read_bytes()).hexdigest() == ended.sha256
+    context = agent.store / context_key(request.object_key)  # the network context, stored beside the pcap
+    assert ended.context.object_key == context_key(request.object_key) and context.is_file()
     stored.unlink()
+    context.unlink()
     _assert_nothing_left(agent, starts_before + 1)
 
 

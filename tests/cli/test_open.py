@@ -21,7 +21,7 @@ from tests.e2e import conftest as e2e
 from tests.e2e.conftest import Stack
 
 # the e2e stack's fixtures, here on the embedded defaults only
-stack, spool, controller_flags = e2e.stack, e2e.spool, e2e.controller_flags
+stack, spool, controller_flags, services = e2e.stack, e2e.spool, e2e.controller_flags, e2e.services
 
 pytestmark = [
     pytest.mark.netns,
