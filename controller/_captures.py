@@ -268,14 +268,17 @@ class Captures:
             + (f", reason {request.reason!r}" if request.reason else "")
             + (f"; {note}" if note else "")
         )
-        await self._access.audit(
-            caller,
-            Audited.CAPTURE,
-            result=result,
-            namespace=namespace or request.namespace,
-            capture_id=capture_id,
-            detail=detail,
-        )
+        # A between capture is audited in every namespace it covers, so each namespace's trail shows it.
+        covered = dict.fromkeys([request.namespace, *(end.namespace for end in request.between)])
+        for each in [namespace] if namespace else covered:
+            await self._access.audit(
+                caller,
+                Audited.CAPTURE,
+                result=result,
+                namespace=each,
+                capture_id=capture_id,
+                detail=detail,
+            )
 
     async def _target_pods(self, request: CaptureRequest) -> list[Pod]:
         """The pod, or every capturable pod the selector matches (NOT_FOUND when there is none), or the pods of

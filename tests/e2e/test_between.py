@@ -274,6 +274,8 @@ def test_bad_ends_and_callers_outside_a_namespace_are_refused(stack: Stack) -> N
         across = api.CreateCapture(
             _request("shop/client", "payments/svc/api", request_id="r1"), metadata=_as("carol"), timeout=30
         )
+        allowed = [(a.namespace, a.capture_id) for a in _audit(stack) if a.result == "allowed"]
+        assert allowed[-2:] == [("shop", across.id), ("payments", across.id)]  # each namespace's trail has it
         assert [(e.namespace, e.pod, e.service) for e in across.between] == [
             ("shop", "client", ""),
             ("payments", "", "api"),
