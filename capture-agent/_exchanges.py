@@ -39,7 +39,8 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-from ._summary import DnsQuery, Runner, Summary, TcpAttempt, TsharkFailed, launcher, summarise, walk_records
+from ._confine import confined
+from ._summary import DnsQuery, Runner, Summary, TcpAttempt, TsharkFailed, summarise, walk_records
 
 __all__ = ["Exchanges", "ExchangesFailed", "add_exchanges", "find_exchanges", "summarise_with_exchanges"]
 
@@ -148,7 +149,7 @@ def find_exchanges(
         raise ExchangesFailed(f"{missing[0]} not found")
     # pyshark finds tshark as dirname(path) + "tshark": the path given must be that file, links resolved.
     tshark_path = os.path.realpath(paths[tshark] or "")
-    argv = [*launcher(paths[setpriv] or "", user), paths[python] or "", "-I", str(_CHILD), tshark_path]
+    argv = [*confined(paths[setpriv] or "", user), paths[python] or "", "-I", str(_CHILD), tshark_path]
     with pcap.open("rb") as source:
         walk = walk_records(source, chunk_packets, cancel)
         if not walk.chunks:

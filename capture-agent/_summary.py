@@ -79,7 +79,6 @@ __all__ = [
     "TcpAttempt",
     "TsharkFailed",
     "Walk",
-    "launcher",
     "summarise",
     "walk_records",
 ]
@@ -463,14 +462,9 @@ def _not_pcap(header: bytes) -> str:
 # --- running tshark --------------------------------------------------------------------------------------------
 
 
-def launcher(setpriv: str, user: str) -> list[str]:
-    """The setpriv command line that runs what follows it as ``user`` (root if "") without any capability."""
-    return confined(setpriv, user)
-
-
 def _argv(setpriv: str, tshark: str, user: str) -> list[str]:
     return [
-        *launcher(setpriv, user),
+        *confined(setpriv, user),  # as ``user`` (root if "") without any capability
         tshark,
         "-r",
         "-",

@@ -168,11 +168,7 @@ class FakeKube:
             "apiVersion": "v1",
             "kind": "Pod",
             "metadata": {
-                "name": name,
-                "namespace": namespace,
-                "uid": str(uuid.uuid4()),
-                "resourceVersion": str(next(self._versions)),
-                "creationTimestamp": _CREATED,
+                **self._metadata(name, namespace),
                 "labels": dict(labels or {}),
             },
             "spec": {
@@ -222,6 +218,16 @@ class FakeKube:
             ready=ready,
         )
 
+    def _metadata(self, name: str, namespace: str) -> dict[str, Any]:
+        """What every object's metadata starts with: its name, a fresh uid and the next resourceVersion."""
+        return {
+            "name": name,
+            "namespace": namespace,
+            "uid": str(uuid.uuid4()),
+            "resourceVersion": str(next(self._versions)),
+            "creationTimestamp": _CREATED,
+        }
+
     def add_service(
         self,
         namespace: str,
@@ -236,11 +242,7 @@ class FakeKube:
             "apiVersion": "v1",
             "kind": "Service",
             "metadata": {
-                "name": name,
-                "namespace": namespace,
-                "uid": str(uuid.uuid4()),
-                "resourceVersion": str(next(self._versions)),
-                "creationTimestamp": _CREATED,
+                **self._metadata(name, namespace),
             },
             "spec": {
                 "type": "ClusterIP",
@@ -270,11 +272,7 @@ class FakeKube:
             "apiVersion": "discovery.k8s.io/v1",
             "kind": "EndpointSlice",
             "metadata": {
-                "name": slice_name,
-                "namespace": namespace,
-                "uid": str(uuid.uuid4()),
-                "resourceVersion": str(next(self._versions)),
-                "creationTimestamp": _CREATED,
+                **self._metadata(slice_name, namespace),
                 "labels": {
                     "kubernetes.io/service-name": service,
                     "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io",
