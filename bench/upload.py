@@ -380,6 +380,7 @@ class _TimedUpload:
 
 
 async def _follow(path: Path, key: str) -> dict[str, Any]:
+    from podcap.agent._priority import CpuPacer
     from podcap.agent._upload import GrowingFileUploader
     from podcap.storage import open_store
 
@@ -393,7 +394,9 @@ async def _follow(path: Path, key: str) -> dict[str, Any]:
 
     cpu = _cpu()
     threading.Thread(target=wait_for_end, daemon=True).start()
-    upload = asyncio.create_task(GrowingFileUploader(store, key, path).run(done))
+    upload = asyncio.create_task(
+        GrowingFileUploader(store, key, path, pacer=CpuPacer()).run(done)
+    )  # paced, as the agent runs it
     print("ready", flush=True)
     stored = await upload
     return {
@@ -438,7 +441,8 @@ def _section(
 
 `python -m bench.upload --write-docs` (also part of `make bench`): a {size / 1e6:.0f} MB capture growing at
 {args.rate:.0f} MB/s in 64 KiB writes, followed by the agent's real `GrowingFileUploader` and S3 store (8 MiB parts,
-four in flight, the uploader's threads at nice {BACKGROUND_NICE} and lowest best-effort IO), against a plain boto3
+four in flight, the uploader's threads at nice {BACKGROUND_NICE} and lowest best-effort IO, paced to a tenth of a core
+while the CPU is contended and the file grows, as in the agent), against a plain boto3
 `upload_file` of the finished file (threaded multipart, boto3's defaults, normal priority), each in a child
 process, to a moto server over HTTP on 127.0.0.1; {args.runs} interleaved runs. podcap is timed from the
 capture's end (the last write) to the stored object (`CompleteMultipartUpload` answered: downloadable), boto3

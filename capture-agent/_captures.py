@@ -43,7 +43,7 @@ from ._errors import (
 from ._exchanges import summarise_with_exchanges
 from ._model import TERMINAL, CaptureSnapshot, CaptureSpec, JobState, Limits, Programs
 from ._pcapfile import count_pcap_packets
-from ._priority import lower_this_thread
+from ._priority import CpuPacer, lower_this_thread
 from ._resolve import Interface, Resolution, Resolver
 from ._spool import Ended, Spool, SpoolEntry
 from ._summary import Summary
@@ -263,7 +263,12 @@ class CaptureManager:
         context: asyncio.Task[NetworkContext | None] | None = None
         writer_done = asyncio.Event()
         uploader = GrowingFileUploader(
-            self._store, spec.object_key, job.spool.pcap, retry=self._retry, on_retry=self._on_retry(job)
+            self._store,
+            spec.object_key,
+            job.spool.pcap,
+            retry=self._retry,
+            on_retry=self._on_retry(job),
+            pacer=CpuPacer(),
         )
         upload: asyncio.Task[StoredObject] = asyncio.create_task(
             uploader.run(writer_done), name=f"upload-{spec.capture_id}"
