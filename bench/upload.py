@@ -394,9 +394,8 @@ async def _follow(path: Path, key: str) -> dict[str, Any]:
 
     cpu = _cpu()
     threading.Thread(target=wait_for_end, daemon=True).start()
-    upload = asyncio.create_task(
-        GrowingFileUploader(store, key, path, pacer=CpuPacer()).run(done)
-    )  # paced, as the agent runs it
+    uploader = GrowingFileUploader(store, key, path, pacer=CpuPacer())  # paced, as the agent runs it
+    upload = asyncio.create_task(uploader.run(done))
     print("ready", flush=True)
     stored = await upload
     return {

@@ -103,9 +103,8 @@ class CpuPacer:
         if now - self._window[0] >= self._window_s:
             stalled = self._stalled()
             began, stalled_then = self._window
-            self._is_contended = stalled >= 0 <= stalled_then and (
-                stalled - stalled_then >= self._contended * (now - began)
-            )
+            known = stalled >= 0 and stalled_then >= 0
+            self._is_contended = known and stalled - stalled_then >= self._contended * (now - began)
             self._window = (now, stalled)
         pause = min((cpu - self._last[1]) / self._share - (now - self._last[0]), _MAX_PAUSE_S)
         if self._is_contended and pause > 0:

@@ -13,10 +13,11 @@ it keeps up with tcpdump whenever the store can and what is left when tcpdump ex
 The store blocks, so every file read and store call runs in one worker thread per uploader, one at a time,
 at background priority (``lower_this_thread``: nice 19 and the lowest best-effort IO, which the S3 upload's
 part threads inherit): when the node is busy, the tcpdump whose file it reads gets the CPU and the disk
-first. While tcpdump still writes, a ``pacer`` (``CpuPacer``) also holds that thread to a tenth of a core for
-as long as the node's CPU is contended; once tcpdump has exited the rest goes at full speed. That order is what makes cancellation safe: the abort queued behind a write still in flight runs
+first. That order is what makes cancellation safe: the abort queued behind a write still in flight runs
 after it, and the S3 upload's abort waits for its parts in flight before aborting, instead of racing them
-and leaving the multipart upload behind.
+and leaving the multipart upload behind. While tcpdump still writes, a ``pacer`` (``CpuPacer``) also holds
+that thread to a tenth of a core for as long as the node's CPU is contended; once tcpdump has exited, the
+rest goes at full speed.
 """
 
 from __future__ import annotations
@@ -42,8 +43,10 @@ __all__ = ["GrowingFileUploader", "RetryPolicy"]
 log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
-_DRAIN_S = 0.25
 _Ts = TypeVarTuple("_Ts")
+
+# One worker call moves blocks for at most this long, then lets a call queued behind it (an abort) run.
+_DRAIN_S = 0.25
 
 
 @dataclass(frozen=True)

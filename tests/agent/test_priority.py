@@ -103,7 +103,7 @@ def test_without_pressure_information_nothing_is_paused(tmp_path: Path) -> None:
     assert pacer.paused_s == 0
 
 
-def test_the_real_pressure_file_is_read(tmp_path: Path) -> None:
+def test_the_real_pressure_file_is_read() -> None:
     """On this kernel /proc/pressure/cpu exists (CI's machine has PSI): a pacer reads a growing total."""
     pacer = CpuPacer()
     first = pacer._stalled()
