@@ -10,6 +10,8 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -99,3 +101,31 @@ def test_the_agent_uses_only_the_object_store_of_storage(path: Path) -> None:
     assert taken <= AGENT_STORAGE_NAMES, (
         f"{path.name} takes {sorted(taken - AGENT_STORAGE_NAMES)} from podcap.storage"
     )
+
+
+def test_the_agent_starts_without_the_sql_side() -> None:
+    """Importing the agent loads neither SQLAlchemy nor Alembic: podcap.storage hands out its names lazily."""
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys, podcap.agent._server; print(' '.join(sys.modules))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert not [m for m in loaded if m.split(".")[0] in {"sqlalchemy", "alembic"}]
+
+
+def test_storage_declares_each_public_name_once_for_both_the_loader_and_type_checkers() -> None:
+    import podcap.storage
+
+    tree = ast.parse((ROOT / "storage" / "__init__.py").read_text())
+    type_checking = next(node for node in tree.body if isinstance(node, ast.If))
+    typed = {
+        alias.name: f".{imported.module}"
+        for imported in type_checking.body
+        if isinstance(imported, ast.ImportFrom)
+        for alias in imported.names
+    }
+    assert typed == podcap.storage._HOME
+    assert sorted(podcap.storage.__all__) == sorted(typed)
+    for name in podcap.storage.__all__:
+        assert getattr(podcap.storage, name) is not None

@@ -101,9 +101,10 @@ def stack(request: pytest.FixtureRequest, lab: Lab, fake_kube: FakeKube, tmp_pat
         )
         agents.append(process)
         lab.forward_out(agent_address, agent_port, node.netns, "127.0.0.1", agent_port)
-        wait_healthy(f"{agent_address}:{agent_port}", process)
         fake_kube.add_agent(node.name, agent_address)
         agent_addresses[node.name] = f"{agent_address}:{agent_port}"
+    for process, address in zip(agents, agent_addresses.values(), strict=True):  # they start side by side
+        wait_healthy(address, process)
 
     for pod in lab.pods.values():
         fake_kube.add_pod(pod.namespace, pod.name, node=pod.node, ips=[pod.ip], labels=LABELS)
