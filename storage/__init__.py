@@ -3,7 +3,7 @@
 It knows nothing of the controller or the agent; both reach their data through the names below.
 
 The names are loaded on first use (PEP 562), so a process that only uploads (the agent) never imports
-SQLAlchemy and Alembic: that is most of a second of its start-up and some 30 MB it would never use.
+SQLAlchemy and Alembic: that was about a second of its 1.3 s of imports.
 """
 
 from __future__ import annotations

@@ -114,7 +114,7 @@ def test_the_agent_starts_without_the_sql_side() -> None:
     assert not [m for m in loaded if m.split(".")[0] in {"sqlalchemy", "alembic"}]
 
 
-def test_storage_declares_each_public_name_once_for_both_the_loader_and_type_checkers() -> None:
+def test_storage_names_agree_for_the_lazy_loader_type_checkers_and_star_imports() -> None:
     import podcap.storage
 
     tree = ast.parse((ROOT / "storage" / "__init__.py").read_text())
